@@ -1,0 +1,221 @@
+"""The command line of SPEC §5: serve, demo, check-config, jobs, bench, systemd-unit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from . import logs
+from .config import (
+    Config,
+    check_delivery_secrets,
+    find_config_path,
+    load_config,
+    load_secrets,
+)
+from .errors import ConfigError, OffloadError
+from .models import ENCODER
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cognigy_offload",
+        description="Run heavy PostgreSQL aggregations for Cognigy.AI flows in the background.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            help="config file (default: $COGNIGY_OFFLOAD_CONFIG, else ./config.toml)",
+        )
+        return p
+
+    with_config(sub.add_parser("serve", help="run the service"))
+    demo = sub.add_parser("demo", help="an end-to-end run on an embedded PostgreSQL")
+    demo.add_argument("--rows", type=int, default=1_000_000, help="demo table size")
+    demo.add_argument("--data-dir", default=".cognigy_offload/demo-pg")
+    with_config(sub.add_parser("check-config", help="validate config, secrets and queries"))
+    jobs = sub.add_parser("jobs", help="inspect and replay jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = with_config(jobs_sub.add_parser("list", help="the newest jobs"))
+    listing.add_argument(
+        "--status",
+        choices=["queued", "running", "delivering", "delivered", "answered", "failed", "expired"],
+    )
+    listing.add_argument("--limit", type=int, default=50)
+    with_config(jobs_sub.add_parser("show", help="one job in full")).add_argument("id")
+    with_config(
+        jobs_sub.add_parser(
+            "retry", help="re-deliver a failed or expired job (re-run it if it has no result)"
+        )
+    ).add_argument("id")
+    bench = sub.add_parser("bench", help="measure throughput and latency")
+    bench.add_argument("--quick", action="store_true", help="a short run")
+    bench.add_argument("--output", default=None, help="where to write the JSON results")
+    with_config(sub.add_parser("systemd-unit", help="print a systemd unit for this install"))
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(find_config_path(args.config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print("configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    except OffloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from .app import serve
+
+        config = _load(args)
+        logs.configure(config.server.log_format, config.server.log_level)
+        secrets = load_secrets(config)
+        problems = check_delivery_secrets(config, secrets)
+        if problems:
+            raise ConfigError(problems)
+        serve(config, secrets)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return int(run_demo(rows=args.rows, data_dir=args.data_dir))
+    if args.command == "check-config":
+        return anyio.run(_check_config, args)
+    if args.command == "jobs":
+        return anyio.run(_jobs, args)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return int(run_bench(quick=args.quick, output=args.output))
+    if args.command == "systemd-unit":
+        from .systemd import render_unit
+
+        print(render_unit(find_config_path(args.config)))
+        return 0
+    raise AssertionError(args.command)
+
+
+async def _check_config(args: argparse.Namespace) -> int:
+    """Validate file, secrets, connection and every query; print each problem."""
+    from .app import open_database
+    from .queries import Catalog
+
+    path = find_config_path(args.config)
+    config = load_config(path)
+    problems: list[str] = []
+    try:
+        secrets = load_secrets(config)
+        problems.extend(check_delivery_secrets(config, secrets))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
+        async with open_database(config) as pool:
+            try:
+                catalog = await Catalog.prepare(pool, config.queries)
+                print(f"queries ok: {', '.join(sorted(catalog.queries)) or 'none'}")
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    except OffloadError as exc:
+        problems.append(f"database.dsn: {exc}")
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    """jobs list / show / retry against the configured database."""
+    from .app import open_database
+    from .store import Store
+
+    config = _load(args)
+    async with open_database(config) as pool:
+        store = Store(
+            pool,
+            instance_id="cli",
+            lease_s=config.queue.lease_s,
+            deadline_s=config.queue.job_deadline_s,
+        )
+        await store.migrate()
+        if args.jobs_command == "list":
+            jobs = await store.list_jobs(args.status, args.limit)
+            print(f"{'taskId':36}  {'status':10}  {'query':14}  {'q/d':5}  {'created':24}  error")
+            for job in jobs:
+                doc = job.document()
+                error = f"{doc.error.kind}: {doc.error.detail}"[:60] if doc.error else ""
+                tries = f"{job.attempts_query}/{job.attempts_delivery}"
+                print(
+                    f"{doc.taskId:36}  {doc.status:10}  {doc.query[:14]:14}  {tries:5}  "
+                    f"{doc.createdAt:24}  {error}"
+                )
+            counts = await store.counts()
+            print(
+                "totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no jobs")
+            )
+            return 0
+        job_id = _parse_id(args.id)
+        if args.jobs_command == "show":
+            found = await store.get(job_id) if job_id else None
+            if found is None:
+                print(f"no job {args.id}", file=sys.stderr)
+                return 1
+            shown: dict[str, Any] = {
+                "task": found.document(),
+                "target": found.target,
+                "variables": found.variables,
+                "deadlineAt": found.deadline_at.isoformat(),
+            }
+            print(ENCODER.encode(shown).decode())
+            return 0
+        retried = await store.retry(job_id) if job_id else None
+        if retried is None:
+            current = await store.get(job_id) if job_id else None
+            why = f"it is {current.status}" if current is not None else "no such job"
+            print(
+                f"cannot retry {args.id}: {why} (only failed or expired jobs are retried)",
+                file=sys.stderr,
+            )
+            return 1
+        step = "re-delivered from its stored result" if job.result is not None else "run again"
+        print(
+            f"{job.id}: queued again; it will be {step} by a running service "
+            f"within queue.sweep_interval_s ({config.queue.sweep_interval_s:g} s)"
+        )
+        return 0
+
+
+def _parse_id(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

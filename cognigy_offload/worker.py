@@ -1,0 +1,266 @@
+"""The worker pool: claims jobs, runs their query, checkpoints the result, delivers it.
+
+Also the sweeper: renews this instance's leases, takes over jobs nobody holds (after a
+crash, a restart or from a dead instance) and prunes finished jobs past the retention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextlib
+import datetime as dt
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from .config import Config
+from .errors import (
+    DeadlineExceeded,
+    DeliveryError,
+    LeaseLost,
+    QueryError,
+    QueryUnavailable,
+    RequestError,
+    StoreError,
+)
+from .inline import InlineWaiters
+from .jobqueue import JobQueue, QueueFull
+from .metrics import Metrics
+from .models import Job, JobError, Target
+from .queries import Catalog, Executor
+from .store import Store
+
+log = structlog.get_logger("cognigy_offload.worker")
+
+QUERY_FAILED_DETAIL = "The query failed; the service log has the cause under this taskId."
+
+
+class Deliverer(Protocol):
+    """What the worker needs from the Cognigy client (cognigy.Deliverer)."""
+
+    async def deliver(
+        self,
+        task_id: str,
+        target: Target,
+        result: dict[str, Any],
+        timestamp_s: int,
+        deadline_wall_s: float,
+        on_attempt: Callable[[], Awaitable[None]],
+    ) -> int: ...
+
+
+class Workers:
+    """``queue.workers`` coroutines and one sweeper, run inside the app's task group."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        queue: JobQueue,
+        catalog: Catalog,
+        executor: Executor,
+        deliverer: Deliverer,
+        waiters: InlineWaiters,
+        metrics: Metrics,
+        instance_name: str,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.queue = queue
+        self.catalog = catalog
+        self.executor = executor
+        self.deliverer = deliverer
+        self.waiters = waiters
+        self.metrics = metrics
+        self.instance_name = instance_name
+        self.busy = 0
+        self.idle = anyio.Event()
+        self.idle.set()
+
+    # -- the worker loop ------------------------------------------------------------------
+
+    async def run_worker(self) -> None:
+        """Take jobs off the queue until it is closed."""
+        while True:
+            try:
+                job_id = await self.queue.get()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            self.busy += 1
+            if self.busy == 1:
+                self.idle = anyio.Event()
+            try:
+                await self.process(job_id)
+            finally:
+                self.busy -= 1
+                if self.busy == 0:
+                    self.idle.set()
+
+    async def process(self, job_id: uuid.UUID) -> None:
+        """Carry one job as far as it goes; every outcome is written to its row."""
+        try:
+            job = await self.store.claim(job_id)
+        except StoreError as exc:
+            log.warning("job.claim_failed", task_id=str(job_id), error=str(exc))
+            return
+        if job is None:
+            return  # another instance took it, or it was finished meanwhile
+        with structlog.contextvars.bound_contextvars(
+            task_id=str(job.id), conversation_id=job.target.conversationId, query=job.query
+        ):
+            try:
+                await self._advance(job)
+            except LeaseLost as exc:
+                log.warning("job.lease_lost", detail=str(exc))
+            except StoreError as exc:
+                # The row keeps its lease; when it lapses the sweep takes the job again.
+                log.warning("job.store_unavailable", error=str(exc))
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await self._release_quietly(job)
+                    log.info("job.released", reason="shutdown")
+                raise
+            except Exception:
+                log.exception("job.internal_error")
+                await self._fail_quietly(job, JobError(kind="internal", detail="internal error"))
+            finally:
+                self.waiters.finish(job.id, None)
+
+    async def _advance(self, job: Job) -> None:
+        if time.time() >= job.deadline_at.timestamp():
+            await self._finish(job, "expired", None)
+            return
+        if job.result is None:
+            finished = await self._run_query(job)
+            if finished:
+                return
+        assert job.result is not None and job.result_at is not None
+        try:
+            status = await self.deliverer.deliver(
+                str(job.id),
+                job.target,
+                job.result,
+                int(job.result_at.timestamp()),
+                job.deadline_at.timestamp(),
+                lambda: self.store.record_attempt(job),
+            )
+        except DeadlineExceeded:
+            await self._finish(job, "expired", None)
+        except DeliveryError as exc:
+            error = JobError(kind=exc.kind, detail=exc.detail, httpStatus=exc.http_status)
+            await self._finish(job, "failed", error)
+        else:
+            await self._finish(job, "delivered", None, http_status=status)
+
+    async def _run_query(self, job: Job) -> bool:
+        """Run the job's query and checkpoint the result; True when the job is finished."""
+        query = self.catalog.queries.get(job.query)
+        if query is None:
+            detail = f"Query {job.query!r} is no longer in the configuration."
+            await self._finish(job, "failed", JobError(kind="unknown_query", detail=detail))
+            return True
+        try:
+            args = self.catalog.bind(query, job.variables)
+            result = await self.executor.run(query, args)
+        except RequestError as exc:
+            error = JobError(kind="invalid_parameter", detail=exc.detail)
+            await self._finish(job, "failed", error)
+            return True
+        except QueryUnavailable as exc:
+            delay_s = min(2.0**job.attempts_query, 30.0)
+            log.warning("job.query_retry", error=str(exc), retry_in_s=delay_s)
+            await self.store.release(job, delay_s=delay_s)
+            return True
+        except QueryError as exc:
+            log.error("job.query_failed", kind=exc.kind, error=str(exc))
+            await self._finish(job, "failed", JobError(kind=exc.kind, detail=QUERY_FAILED_DETAIL))
+            return True
+        waiter = self.waiters.take(job.id)
+        job.result_at = await self.store.save_result(job, result, answered=waiter is not None)
+        job.result = result
+        if waiter is not None:
+            job.status = "answered"
+            job.updated_at = job.result_at
+            self._count_final(job, "answered")
+            log.info("job.answered", duration_s=self._age_s(job))
+            self.waiters.finish(job.id, job.document())
+            return True
+        log.info("job.result_stored", attempts=job.attempts_query)
+        return False
+
+    async def _finish(
+        self, job: Job, status: str, error: JobError | None, http_status: int | None = None
+    ) -> None:
+        await self.store.finish(job, status, error)
+        self._count_final(job, status)
+        fields: dict[str, Any] = {"duration_s": self._age_s(job)}
+        if error is not None:
+            fields.update(kind=error.kind, detail=error.detail, http_status=error.httpStatus)
+        if http_status is not None:
+            fields["http_status"] = http_status
+        (log.warning if status in ("failed", "expired") else log.info)(f"job.{status}", **fields)
+
+    def _count_final(self, job: Job, status: str) -> None:
+        self.metrics.jobs_finished.labels(status).inc()
+        self.metrics.job_duration.labels(status).observe(self._age_s(job))
+
+    @staticmethod
+    def _age_s(job: Job) -> float:
+        return round((dt.datetime.now(dt.UTC) - job.created_at).total_seconds(), 4)
+
+    async def _release_quietly(self, job: Job) -> None:
+        # If this fails the lease lapses and the sweep takes the job again.
+        with contextlib.suppress(StoreError, LeaseLost):
+            await self.store.release(job)
+
+    async def _fail_quietly(self, job: Job, error: JobError) -> None:
+        with contextlib.suppress(StoreError, LeaseLost):
+            await self._finish(job, "failed", error)
+
+    # -- the sweeper ----------------------------------------------------------------------
+
+    async def sweep(self, *, startup: bool = False) -> int:
+        """Renew leases, take over orphaned jobs that fit into the queue; returns how many."""
+        if not startup:
+            await self.store.heartbeat()
+        slots = 0
+        try:
+            while slots < self.queue.free:
+                self.queue.reserve()
+                slots += 1
+        except QueueFull:
+            pass
+        try:
+            taken = await self.store.take_over(
+                slots, previous_prefix=f"{self.instance_name}:" if startup else None
+            )
+        finally:
+            for _ in range(slots):
+                self.queue.cancel()
+        for job_id in taken:
+            self.queue.put(job_id)
+        if taken:
+            self.metrics.jobs_recovered.inc(len(taken))
+            log.info("jobs.recovered", count=len(taken), at_startup=startup)
+        return len(taken)
+
+    async def run_sweeper(self) -> None:
+        """Sweep every ``queue.sweep_interval_s``; prune once a minute."""
+        last_prune = 0.0
+        while True:
+            await anyio.sleep(self.config.queue.sweep_interval_s)
+            try:
+                await self.sweep()
+                if time.monotonic() - last_prune >= 60:
+                    last_prune = time.monotonic()
+                    pruned = await self.store.prune(self.config.queue.retention_s)
+                    if pruned:
+                        self.metrics.jobs_pruned.inc(pruned)
+                        log.info("jobs.pruned", count=pruned)
+            except StoreError as exc:
+                log.warning("sweep.store_unavailable", error=str(exc))

