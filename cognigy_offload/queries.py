@@ -295,7 +295,7 @@ class Catalog:
                 ) from None
             except _Bad as exc:
                 raise RequestError(
-                    422, "invalid_parameter", f"Variable {path!r} {exc.why}.", exc.where
+                    422, "invalid_parameter", f"Variable {path!r}: {exc.why}.", exc.where
                 ) from None
             except ParamError as exc:
                 raise RequestError(

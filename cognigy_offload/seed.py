@@ -25,8 +25,8 @@ SELECT setseed(0.42);
 INSERT INTO transactions (id, segment, amount, created_at)
 SELECT g,
        (ARRAY['enterprise','mid_market','mid_market','smb','smb','smb','startup','startup',
-              'public_sector','smb'])[1 + (g * 7919) % 10],
-       round((CASE (g * 7919) % 10 WHEN 0 THEN 5000 WHEN 1 THEN 900 WHEN 2 THEN 900
+              'public_sector','smb'])[1 + (g::bigint * 7919) % 10],
+       round((CASE (g::bigint * 7919) % 10 WHEN 0 THEN 5000 WHEN 1 THEN 900 WHEN 2 THEN 900
               WHEN 8 THEN 2500 ELSE 150 END * (0.2 + random() * 1.6))::numeric, 2),
        timestamptz '2023-01-01 00:00:00+00' + (random() * interval '1095 days')
 FROM generate_series(1, $ROWS) AS g;
