@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -222,6 +224,24 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, holder: dict[str, web.Service]) -> None:
         super().__init__(config)
         self.holder = holder
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handle SIGTERM/SIGINT as a graceful stop that ends with exit code 0.
+
+        uvicorn's own version re-raises the signal after shutdown, which would make
+        systemd see a death by signal instead of a clean exit.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         service = self.holder.get("service")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import tomllib
 
 from cognigy_offload.app import build_app
 from cognigy_offload.config import Config, Secrets, parse_config
 from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import SimState, run_sim
 from cognigy_offload.web import Service
-
 from tests.conftest import ROOT
 
 WEBHOOK_TOKEN = "test-webhook-token-0123456789"
@@ -123,11 +122,13 @@ def service_factory(
     async def start(**sections: dict[str, Any]) -> AsyncIterator[Running]:
         config = parse_config(config_data(sim[1], **sections))
         holder: dict[str, Service] = {}
-        app = build_app(config, SECRETS, dsn=database,
-                        on_ready=lambda s: holder.__setitem__("service", s))
-        async with run_uvicorn(app) as url, httpx.AsyncClient(
-            base_url=url, headers=AUTH, timeout=30
-        ) as client:
+        app = build_app(
+            config, SECRETS, dsn=database, on_ready=lambda s: holder.__setitem__("service", s)
+        )
+        async with (
+            run_uvicorn(app) as url,
+            httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client,
+        ):
             yield Running(url, holder["service"], client, config)
 
     return start
@@ -159,7 +160,10 @@ class Process:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cognigy_offload", "serve", "--config", str(self.config_path)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -202,7 +206,7 @@ def process_factory(
         data["server"]["port"] = port or free_port()
         data["server"]["log_format"] = "json"
         path = tmp_path / f"config-{len(made)}.toml"
-        path.write_text(_to_toml(data))
+        path.write_text(to_toml(data))
         env = {k: v for k, v in os.environ.items() if not k.startswith("COGNIGY_OFFLOAD")}
         env.update(
             COGNIGY_OFFLOAD_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
@@ -220,7 +224,7 @@ def process_factory(
             process.proc.wait(10)
 
 
-def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A minimal TOML writer for the config dict (strings, numbers, bools, lists, tables)."""
     import json
 
@@ -233,5 +237,5 @@ def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
             lines.append(f"{key} = {json.dumps(value)}")
     out = "\n".join(lines) + "\n"
     for name, table in tables:
-        out += f"\n[{name}]\n" + _to_toml(table, f"{name}.")
+        out += f"\n[{name}]\n" + to_toml(table, f"{name}.")
     return out
