@@ -8,6 +8,7 @@ fresh for ``cache_ttl_s``.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import time
 import uuid
@@ -26,6 +27,10 @@ from .models import ENCODER, json_value
 
 DATE_RANGE = re.compile(r"^(\d{4}-\d{2}-\d{2})_to_(\d{4}-\d{2}-\d{2})$")
 MAX_TEXT_CHARS = 10_000
+# PostgreSQL's numeric holds up to 131072 digits before the point and 16383 after it.
+NUMERIC_MAX_ADJUSTED = 131_071
+NUMERIC_MIN_EXPONENT = -16_383
+FLOAT4_MAX = 3.4028234663852886e38
 _INT_RANGES = {
     "int2": (-(2**15), 2**15 - 1),
     "int4": (-(2**31), 2**31 - 1),
@@ -119,7 +124,18 @@ def _coerce(value: Any, pg_type: str) -> Any:
             number = None
         if number is None or not number.is_finite():
             raise ParamError("expected a finite number")
-        return number if pg_type == "numeric" else float(number)
+        if pg_type == "numeric":
+            # asyncpg cannot encode what PostgreSQL's numeric cannot hold; the job would fail.
+            if number and not (
+                number.adjusted() <= NUMERIC_MAX_ADJUSTED
+                and number.as_tuple().exponent >= NUMERIC_MIN_EXPONENT  # type: ignore[operator]
+            ):
+                raise ParamError("number out of range for numeric")
+            return number
+        as_float = float(number)
+        if not math.isfinite(as_float) or (pg_type == "float4" and abs(as_float) > FLOAT4_MAX):
+            raise ParamError(f"number out of range for {pg_type}")
+        return as_float
     if pg_type == "bool":
         if isinstance(value, bool):
             return value
@@ -138,6 +154,8 @@ def _coerce(value: Any, pg_type: str) -> Any:
         except ValueError as exc:
             raise ParamError("expected a UUID") from exc
     if pg_type in ("json", "jsonb"):
+        if pg_type == "jsonb" and _holds_nul(value):
+            raise ParamError("contains a NUL character, which PostgreSQL jsonb cannot hold")
         return ENCODER.encode(value).decode()
     raise ParamError(f"unsupported parameter type {pg_type}")
 
@@ -161,7 +179,29 @@ def _as_timestamp(value: Any, *, aware: bool) -> dt.datetime:
         raise ParamError(f"expected a date or timestamp string, got {_kind(value)}")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
-    return moment if aware else moment.astimezone(dt.UTC).replace(tzinfo=None)
+    try:
+        # asyncpg converts to UTC too: an offset that leaves years 1-9999 cannot be bound.
+        utc = moment.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise ParamError(f"{str(value)[:40]!r} is out of range in UTC") from exc
+    return moment if aware else utc.replace(tzinfo=None)
+
+
+def _holds_nul(value: Any) -> bool:
+    """True if a string anywhere in a JSON value (keys too) contains NUL."""
+    # Iterative: decoded JSON may be nested nearly as deep as the recursion limit.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _date_range(value: Any) -> tuple[dt.date, dt.date]:
