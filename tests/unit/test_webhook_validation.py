@@ -1,0 +1,370 @@
+"""Pure webhook validation: body decoding (400 / 422 naming the field) and parameter coercion.
+
+Every refusal is a RequestError with the status and JSON path SPEC §2 asks for; no input
+raises anything else (which the web layer would turn into a 500).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from cognigy_offload.errors import RequestError
+from cognigy_offload.models import WebhookRequest
+from cognigy_offload.queries import MAX_TEXT_CHARS, Catalog, ParamError, Query, _coerce
+from cognigy_offload.web import decode_webhook
+
+VALID: dict[str, Any] = {
+    "conversationId": "conv_8f4a2c1d",
+    "userId": "usr_9b3e7f2a",
+    "sessionId": "sess_41c7",
+    "URLToken": "a1b2c3",
+    "query": "revenue",
+    "variables": {
+        "customer_segment": "enterprise",
+        "date_range": "2024-01-01_to_2024-12-31",
+        "aggregation_type": "revenue",
+    },
+}
+
+
+def encode(**changes: Any) -> bytes:
+    """The valid body with top-level keys replaced (a value of ... removes the key)."""
+    data = {k: v for k, v in {**VALID, **changes}.items() if v is not ...}
+    return json.dumps(data).encode()
+
+
+def refusal(body: bytes) -> RequestError:
+    """The RequestError decode_webhook raises for ``body``."""
+    with pytest.raises(RequestError) as caught:
+        decode_webhook(body)
+    return caught.value
+
+
+class TestDecodeWebhook:
+    def test_the_sample_body_decodes_and_extra_keys_are_ignored(self) -> None:
+        """SPEC §2's sample is accepted; unknown keys do not matter."""
+        payload = decode_webhook(encode(extra={"nested": [1, 2]}, another=None))
+        assert isinstance(payload, WebhookRequest)
+        assert payload.userId == "usr_9b3e7f2a"
+        assert payload.variables["date_range"] == "2024-01-01_to_2024-12-31"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b"",
+            b"{",
+            encode()[:-1],
+            encode()[:20],
+            b'{"userId": "\xff\xfe", "variables": {}}',
+            b'{"userId": "u", "variables": {"a": "\xc3"}}',
+            b"\xef\xbb\xbf" + encode(),
+            encode() + b" trailing",
+            b'{"userId": "u", "variables": {"a": NaN}}',
+            b"{'userId': 'u', 'variables': {}}",
+            b'{"userId": "\\ud800", "variables": {}}',
+        ],
+        ids=[
+            "empty",
+            "brace",
+            "truncated-end",
+            "truncated-middle",
+            "invalid-utf8-key",
+            "invalid-utf8-value",
+            "bom",
+            "trailing-garbage",
+            "nan",
+            "single-quotes",
+            "lone-surrogate",
+        ],
+    )
+    def test_a_body_that_is_not_json_is_a_400(self, body: bytes) -> None:
+        """Truncated, non-UTF-8 or otherwise malformed JSON is a 400 invalid_json."""
+        error = refusal(body)
+        assert (error.status, error.code, error.field) == (400, "invalid_json", None)
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            (encode(userId=...), "$.userId"),
+            (encode(userId=None), "$.userId"),
+            (encode(userId=""), "$.userId"),
+            (encode(userId=42), "$.userId"),
+            (encode(userId=10**40), "$.userId"),
+            (encode(userId="u" * 513), "$.userId"),
+            (encode(variables=...), "$.variables"),
+            (encode(variables=None), "$.variables"),
+            (encode(variables=[]), "$.variables"),
+            (encode(variables="a=b"), "$.variables"),
+            (encode(query=""), "$.query"),
+            (encode(query=7), "$.query"),
+            (encode(query="q" * 129), "$.query"),
+            (encode(sessionId=["s"]), "$.sessionId"),
+            (encode(sessionId=""), "$.sessionId"),
+            (encode(conversationId={"id": 1}), "$.conversationId"),
+            (encode(URLToken=False), "$.URLToken"),
+            (b"[]", "$"),
+            (b"null", "$"),
+            (b'"text"', "$"),
+            (b"12", "$"),
+        ],
+    )
+    def test_a_schema_error_is_a_422_naming_the_field(self, body: bytes, field: str) -> None:
+        """Wrong types, nulls, empty and over-long strings name the offending JSON path."""
+        error = refusal(body)
+        assert (error.status, error.field) == (422, field)
+        assert error.detail.endswith(".")
+
+    @pytest.mark.parametrize(
+        "raw",
+        [b"9" * 5000, b"-" + b"9" * 5000, b"1e999", b"-1e999", b"1" + b"0" * 5000 + b".5"],
+        ids=["huge-int", "huge-negative-int", "float-overflow", "negative-overflow", "long-float"],
+    )
+    def test_an_out_of_range_number_is_a_422(self, raw: bytes) -> None:
+        """A number no type can hold is refused under $.variables, not a crash."""
+        error = refusal(b'{"userId": "u", "variables": {"a": ' + raw + b"}}")
+        assert error.status == 422
+        assert error.field is not None and error.field.startswith("$.variables")
+
+    @pytest.mark.parametrize("depth", [1_000, 100_000])
+    @pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+    def test_deeply_nested_json_is_a_422(self, depth: int, opener: bytes) -> None:
+        """Nesting deep enough to exhaust the stack is refused, never a RecursionError."""
+        closer = b"]" if opener == b"[" else b"}"
+        nested = opener * depth + (b"1" if opener != b"[" else b"") + closer * depth
+        error = refusal(b'{"userId": "u", "variables": {"a": ' + nested + b"}}")
+        assert (error.status, error.field) == (422, "$.variables")
+
+    def test_moderate_nesting_is_accepted(self) -> None:
+        """A variable nested a few dozen levels is still a valid body."""
+        nested = b"[" * 50 + b"]" * 50
+        payload = decode_webhook(b'{"userId": "u", "variables": {"a": ' + nested + b"}}")
+        assert isinstance(payload.variables["a"], list)
+
+    def test_ten_thousand_keys_decode_for_the_web_layer_to_count(self) -> None:
+        """A 10,000-key object decodes; web.py then refuses more than MAX_VARIABLES keys."""
+        variables = {f"k{i}": i for i in range(10_000)}
+        payload = decode_webhook(json.dumps({"userId": "u", "variables": variables}).encode())
+        assert len(payload.variables) == 10_000
+
+    def test_a_nul_character_survives_decoding_for_the_catalog_to_refuse(self) -> None:
+        """\\u0000 is valid JSON; the catalog refuses it where PostgreSQL text cannot hold it."""
+        payload = decode_webhook(b'{"userId": "u", "variables": {"s": "a\\u0000b"}}')
+        assert payload.variables["s"] == "a\x00b"
+
+
+REVENUE = Query(
+    name="revenue",
+    sql="SELECT ...",
+    params=("customer_segment", "date_range.start", "date_range.end"),
+    pg_types=("text", "timestamptz", "timestamptz"),
+    columns=("count", "total"),
+    cache_ttl_s=0,
+)
+TYPED = Query(
+    name="typed",
+    sql="SELECT ...",
+    params=("n", "filter.limit"),
+    pg_types=("int4", "int8"),
+    columns=("x",),
+    cache_ttl_s=0,
+)
+CATALOG = Catalog({"revenue": REVENUE, "typed": TYPED})
+GOOD_VARIABLES = {"customer_segment": "enterprise", "date_range": "2024-01-01_to_2024-12-31"}
+SEGMENT = "$.variables.customer_segment"
+RANGE = "$.variables.date_range"
+AGGREGATION = "$.variables.aggregation_type"
+
+
+def bind_refusal(query: Query, variables: dict[str, Any]) -> RequestError:
+    """The RequestError Catalog.bind raises for ``variables``."""
+    with pytest.raises(RequestError) as caught:
+        CATALOG.bind(query, variables)
+    return caught.value
+
+
+class TestPick:
+    def test_the_query_key_wins_over_aggregation_type(self) -> None:
+        """``query`` names the query; ``variables.aggregation_type`` is the fallback."""
+        assert CATALOG.pick("typed", {"aggregation_type": "revenue"}) is TYPED
+        assert CATALOG.pick(None, {"aggregation_type": "revenue"}) is REVENUE
+
+    @pytest.mark.parametrize(
+        ("query", "variables", "field", "code"),
+        [
+            ("revenu", {}, "$.query", "unknown_query"),
+            ("revenue' OR '1'='1", {}, "$.query", "unknown_query"),
+            (None, {"aggregation_type": "nope"}, "$.variables.aggregation_type", "unknown_query"),
+            (None, {"aggregation_type": 5}, "$.variables.aggregation_type", "unknown_query"),
+            (None, {"aggregation_type": None}, "$.variables.aggregation_type", "unknown_query"),
+            (None, {"aggregation_type": ["revenue"]}, AGGREGATION, "unknown_query"),
+            (None, {}, "$.query", "missing_query"),
+        ],
+    )
+    def test_an_unknown_or_missing_query_is_a_422(
+        self, query: str | None, variables: dict[str, Any], field: str, code: str
+    ) -> None:
+        """A typo in the query name is named, with the known names listed."""
+        with pytest.raises(RequestError) as caught:
+            CATALOG.pick(query, variables)
+        assert (caught.value.status, caught.value.code, caught.value.field) == (422, code, field)
+        if code == "unknown_query":
+            assert "revenue, typed" in caught.value.detail
+
+    def test_a_long_unknown_name_is_cut_in_the_detail(self) -> None:
+        """An attacker's 100 kB query name is not echoed whole."""
+        with pytest.raises(RequestError) as caught:
+            CATALOG.pick(None, {"aggregation_type": "x" * 100_000})
+        assert len(caught.value.detail) < 200
+
+
+class TestBind:
+    def test_a_date_range_splits_into_whole_days(self) -> None:
+        """.start is the first day at midnight UTC, .end the day after the last day."""
+        segment, start, end = CATALOG.bind(REVENUE, GOOD_VARIABLES)
+        assert segment == "enterprise"
+        assert start == dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+        assert end == dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+
+    @pytest.mark.parametrize(
+        "segment",
+        [
+            "enterprise' OR '1'='1",
+            "'; DROP TABLE transactions; --",
+            "$1",
+            "$2::text) OR (1=1",
+            "\\x00",
+            "e" * MAX_TEXT_CHARS,
+            "企業",
+        ],
+    )
+    def test_sql_in_a_text_variable_is_bound_verbatim(self, segment: str) -> None:
+        """Hostile text is a value passed through unchanged, never SQL."""
+        args = CATALOG.bind(REVENUE, {**GOOD_VARIABLES, "customer_segment": segment})
+        assert args[0] == segment
+
+    @pytest.mark.parametrize(
+        ("changes", "field", "code"),
+        [
+            ({"customer_segment": ...}, SEGMENT, "missing_parameter"),
+            ({"date_range": ...}, RANGE, "missing_parameter"),
+            ({"customer_segment": None}, SEGMENT, "invalid_parameter"),
+            ({"customer_segment": 42}, SEGMENT, "invalid_parameter"),
+            ({"customer_segment": ["smb"]}, SEGMENT, "invalid_parameter"),
+            ({"customer_segment": "a\x00b"}, SEGMENT, "invalid_parameter"),
+            ({"customer_segment": "e" * (MAX_TEXT_CHARS + 1)}, SEGMENT, "invalid_parameter"),
+            ({"date_range": "2024-13-01_to_2024-12-31"}, RANGE, "invalid_parameter"),
+            ({"date_range": "2024-12-31_to_2024-01-01"}, RANGE, "invalid_parameter"),
+            ({"date_range": "2024-01-01_to_9999-12-31"}, RANGE, "invalid_parameter"),
+            ({"date_range": "last year"}, RANGE, "invalid_parameter"),
+            ({"date_range": ""}, RANGE, "invalid_parameter"),
+            ({"date_range": None}, RANGE, "invalid_parameter"),
+            ({"date_range": 20240101}, RANGE, "invalid_parameter"),
+            ({"date_range": {"end": "2024-01-01"}}, RANGE, "invalid_parameter"),
+        ],
+    )
+    def test_a_bad_parameter_is_a_422_naming_the_variable(
+        self, changes: dict[str, Any], field: str, code: str
+    ) -> None:
+        """A missing, null, mistyped or malformed variable names its JSON path."""
+        merged = {**GOOD_VARIABLES, **changes}
+        error = bind_refusal(REVENUE, {k: v for k, v in merged.items() if v is not ...})
+        assert (error.status, error.code, error.field) == (422, code, field)
+
+    def test_a_nul_character_is_named_as_the_reason(self) -> None:
+        """The 422 for a NUL says why: PostgreSQL text cannot hold it."""
+        error = bind_refusal(REVENUE, {**GOOD_VARIABLES, "customer_segment": "ent\x00erprise"})
+        assert "NUL" in error.detail
+
+    def test_a_nested_parameter_path_is_named(self) -> None:
+        """A dotted parameter path blames the nested key."""
+        error = bind_refusal(TYPED, {"n": 1, "filter": {"limit": "many"}})
+        assert (error.status, error.field) == (422, "$.variables.filter.limit")
+        assert CATALOG.bind(TYPED, {"n": "7", "filter": {"limit": 2**40}}) == [7, 2**40]
+
+
+class TestCoerce:
+    @pytest.mark.parametrize(
+        ("value", "pg_type", "expected"),
+        [
+            (32767, "int2", 32767),
+            ("-12", "int4", -12),
+            (2**63 - 1, "int8", 2**63 - 1),
+            ("1.50", "numeric", Decimal("1.50")),
+            (2, "float8", 2.0),
+            ("TRUE", "bool", True),
+            (False, "bool", False),
+            ("2024-02-29", "date", dt.date(2024, 2, 29)),
+            ("2024-02-29", "timestamptz", dt.datetime(2024, 2, 29, tzinfo=dt.UTC)),
+            ("2024-02-29T12:00:00+02:00", "timestamp", dt.datetime(2024, 2, 29, 10)),
+            (
+                "0d8b5f2e-4a0e-4d5b-9a57-5a0f0d2f7c1e",
+                "uuid",
+                uuid.UUID("0d8b5f2e-4a0e-4d5b-9a57-5a0f0d2f7c1e"),
+            ),
+            ({"a": [1, "x"]}, "jsonb", '{"a":[1,"x"]}'),
+        ],
+    )
+    def test_good_values_bind_as_the_python_type_asyncpg_expects(
+        self, value: Any, pg_type: str, expected: Any
+    ) -> None:
+        """Each supported PostgreSQL type gets the value it can bind."""
+        assert _coerce(value, pg_type) == expected
+
+    @pytest.mark.parametrize(
+        ("value", "pg_type"),
+        [
+            (None, "int4"),
+            (32768, "int2"),
+            (2**63, "int8"),
+            (-(2**63) - 1, "int8"),
+            (10**4000, "int8"),
+            ("9" * 25, "int8"),
+            (1.5, "int4"),
+            (True, "int4"),
+            ("twelve", "int4"),
+            (True, "numeric"),
+            ("NaN", "numeric"),
+            ("Infinity", "numeric"),
+            ("sNaN", "numeric"),
+            ("1" * 101, "numeric"),
+            ("1e999999999", "numeric"),
+            ("1e-999999999", "numeric"),
+            ("1e131072", "numeric"),
+            ("1e-16384", "numeric"),
+            ("1e400", "float8"),
+            ("-1e400", "float8"),
+            ("1e39", "float4"),
+            (10**400, "float8"),
+            ("inf", "float8"),
+            ("yes", "bool"),
+            (1, "bool"),
+            ("2024-02-30", "date"),
+            (20240101, "date"),
+            ("2024-01-01T25:00", "timestamptz"),
+            (["2024-01-01"], "timestamptz"),
+            ("9999-12-31T23:59:59-01:00", "timestamp"),
+            ("0001-01-01T00:00:00+01:00", "timestamp"),
+            ("9999-12-31T23:59:59-01:00", "timestamptz"),
+            ("0001-01-01T00:00:00+01:00", "timestamptz"),
+            ("not-a-uuid", "uuid"),
+            (12, "uuid"),
+            ({"a": "x\x00y"}, "jsonb"),
+            ({"k\x00": 1}, "jsonb"),
+            ([["deep", {"s": "\x00"}]], "jsonb"),
+            ("x", "tsvector"),
+        ],
+    )
+    def test_bad_values_are_a_param_error(self, value: Any, pg_type: str) -> None:
+        """A value PostgreSQL would refuse at run time is refused now, as a ParamError."""
+        with pytest.raises(ParamError):
+            _coerce(value, pg_type)
+
+    def test_json_may_hold_a_nul_where_jsonb_may_not(self) -> None:
+        """The json type keeps \\u0000 as written; only jsonb refuses it."""
+        assert _coerce({"a": "x\x00y"}, "json") == '{"a":"x\\u0000y"}'
