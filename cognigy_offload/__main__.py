@@ -117,20 +117,77 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _check_config(args: argparse.Namespace) -> int:
-    """Validate file, secrets, connection and every query; print each problem."""
+    """Validate file, secrets, connection and every query; print each problem with its key."""
+    import os
+
+    import asyncpg
+
+    from . import db
     from .app import open_database
+    from .config import Secrets, is_loopback
     from .queries import Catalog
+    from .store import TABLE
+
+    def report(problems: list[str]) -> int:
+        if problems:
+            print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 1
+        print(f"{path}: ok")
+        return 0
 
     path = find_config_path(args.config)
-    config = load_config(path)
     problems: list[str] = []
     try:
+        config = load_config(path)
+    except ConfigError as exc:
+        # The file itself is wrong: nothing else can be checked against it.
+        problems.extend(exc.problems)
+        return report(problems)
+    print(f"{path}: file ok, queries: {', '.join(config.queries) or 'none'}")
+    if not config.queries:
+        problems.append("queries: no query is configured; every webhook would be refused (422)")
+
+    auth = config.cognigy.auth
+    try:
         secrets = load_secrets(config)
-        problems.extend(check_delivery_secrets(config, secrets))
     except ConfigError as exc:
         problems.extend(exc.problems)
+        # Still check the Cognigy credentials, which do not depend on the webhook token.
+        secrets = Secrets(
+            webhook_tokens=(),
+            client_secret=os.environ.get(auth.client_secret_env, ""),
+            api_key=os.environ.get(auth.api_key_env, ""),
+        )
+    else:
+        if not secrets.webhook_tokens and is_loopback(config.server.host):
+            print(
+                f"note: server.webhook_token_env: ${config.server.webhook_token_env} is empty, "
+                "so the webhook takes any caller (allowed only on loopback)"
+            )
+    problems.extend(check_delivery_secrets(config, secrets))
+
+    where = "database.dsn"
+    if not config.database.dsn:
+        where = f"database.dsn is empty: the embedded PostgreSQL under {config.database.data_dir}"
     try:
         async with open_database(config) as pool:
+            async with db.connection(pool) as conn:
+                version = await conn.fetchval("SHOW server_version")
+                table = await conn.fetchrow(
+                    f"""SELECT to_regclass('{TABLE}') IS NOT NULL AS present,
+                               has_schema_privilege(
+                                   coalesce(current_schema(), 'public'), 'CREATE') AS can_create,
+                               coalesce(current_schema(), 'public') AS schema"""
+                )
+            print(f"database ok: PostgreSQL {version} ({where})")
+            if not table["present"] and not table["can_create"]:
+                problems.append(
+                    f"database.dsn: this role may not create the job table {TABLE} in schema "
+                    f"{table['schema']}; GRANT CREATE ON SCHEMA {table['schema']} to it, or "
+                    "start the service once as a role that may"
+                )
             try:
                 catalog = await Catalog.prepare(pool, config.queries)
                 print(f"queries ok: {', '.join(sorted(catalog.queries)) or 'none'}")
@@ -138,15 +195,11 @@ async def _check_config(args: argparse.Namespace) -> int:
                 problems.extend(exc.problems)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    except OffloadError as exc:
-        problems.append(f"database.dsn: {exc}")
-    if problems:
-        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    print(f"{path}: ok")
-    return 0
+    except (OffloadError, asyncpg.PostgresError, *db.UNAVAILABLE_ERRORS) as exc:
+        detail = str(exc) if isinstance(exc, OffloadError) else db.describe(exc)
+        problems.append(f"database.dsn: no connection ({where}): {detail}")
+        problems.append("queries: not checked against PostgreSQL (no database connection)")
+    return report(problems)
 
 
 async def _jobs(args: argparse.Namespace) -> int:

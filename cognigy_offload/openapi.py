@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from importlib import metadata
 from typing import Any
 
 import msgspec
@@ -11,19 +12,62 @@ from starlette.responses import Response
 
 from .models import Accepted, ErrorBody, TaskDocument, WebhookRequest
 
-
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+_LOCATION = {
+    "Location": {
+        "description": "/tasks/<taskId> of the job",
+        "schema": {"type": "string"},
     }
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "schema": {"type": "string"},
+    }
+}
+# GET /readyz (web.readyz); written by hand as web.py builds it from a plain dict.
+_READINESS = {
+    "title": "Readiness",
+    "type": "object",
+    "properties": {
+        "status": {"enum": ["ready", "not_ready"]},
+        "problems": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Why not ready: 'draining: ...', 'queue_full: ...', 'database: ...'",
+        },
+        "queue": {
+            "type": "object",
+            "properties": {"depth": {"type": "integer"}, "capacity": {"type": "integer"}},
+            "required": ["depth", "capacity"],
+        },
+        "circuitBreaker": {"enum": ["closed", "open", "half_open"]},
+    },
+    "required": ["status", "problems", "queue", "circuitBreaker"],
+}
 
 
-def _json(ref: str, description: str) -> dict[str, Any]:
-    return {
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer = _json("ErrorBody", description)
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _json(ref: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
     }
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cognigy-offload")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
 
 
 @cache
@@ -42,7 +86,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "cognigy-offload",
-            "version": "0.1.0",
+            "version": _version(),
             "description": "Runs heavy PostgreSQL aggregations for Cognigy.AI flows in the "
             "background and pushes the result back into the conversation.",
         },
@@ -71,9 +115,10 @@ def document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": webhook_ref}},
                     },
                     "responses": {
-                        "202": _json("Accepted", "Stored and queued"),
+                        "202": _json("Accepted", "Stored and queued", _LOCATION),
                         "200": {
                             "description": "Inline result (Prefer: wait) or an idempotent repeat",
+                            "headers": _LOCATION,
                             "content": {
                                 "application/json": {"schema": {"oneOf": [task_ref, accepted_ref]}}
                             },
@@ -83,7 +128,9 @@ def document() -> dict[str, Any]:
                         "413": _error("Body too large"),
                         "415": _error("Body is not JSON"),
                         "422": _error("Schema or query parameter error"),
-                        "503": _error("Queue full, shutting down or database unreachable"),
+                        "503": _error(
+                            "Queue full, shutting down or database unreachable", _RETRY_AFTER
+                        ),
                         **common_errors,
                     },
                 }
@@ -103,6 +150,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("TaskDocument", "The task document"),
                         "404": _error("Unknown task"),
+                        "503": _error("Database unreachable", _RETRY_AFTER),
                         **common_errors,
                     },
                 }
@@ -110,15 +158,28 @@ def document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
-                    "responses": {"200": {"description": "The process runs"}},
+                    "responses": {
+                        "200": {
+                            "description": "The process runs",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {"status": {"const": "ok"}},
+                                        "required": ["status"],
+                                    }
+                                }
+                            },
+                        }
+                    },
                 }
             },
             "/readyz": {
                 "get": {
                     "summary": "Readiness",
                     "responses": {
-                        "200": {"description": "Ready"},
-                        "503": {"description": "Not ready, with why"},
+                        "200": _json("Readiness", "Ready"),
+                        "503": _json("Readiness", "Not ready; problems says why", _RETRY_AFTER),
                     },
                 }
             },
@@ -126,13 +187,16 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Prometheus metrics",
                     "responses": {
-                        "200": {"description": "Text exposition", "content": {"text/plain": {}}}
+                        "200": {
+                            "description": "Prometheus text exposition format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
                     },
                 }
             },
         },
         "components": {
-            "schemas": components,
+            "schemas": {**components, "Readiness": _READINESS},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "webhookToken": {"type": "apiKey", "in": "header", "name": "X-Webhook-Token"},
