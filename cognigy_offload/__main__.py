@@ -255,9 +255,9 @@ async def _jobs(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        step = "re-delivered from its stored result" if job.result is not None else "run again"
+        step = "re-delivered from its stored result" if retried.result else "run again"
         print(
-            f"{job.id}: queued again; it will be {step} by a running service "
+            f"{retried.id}: queued again; it will be {step} by a running service "
             f"within queue.sweep_interval_s ({config.queue.sweep_interval_s:g} s)"
         )
         return 0

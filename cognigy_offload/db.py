@@ -24,6 +24,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # After a backend is killed mid-operation asyncpg may report its own protocol state
+    # as broken ("another operation is in progress"): the connection is unusable, not the data.
+    asyncpg.InternalClientError,
 )
 
 ACQUIRE_TIMEOUT_S = 1.0
@@ -83,9 +86,17 @@ async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
 
 @contextlib.asynccontextmanager
 async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection, given up after ACQUIRE_TIMEOUT_S rather than hanging."""
+    """A pooled connection, given up after ACQUIRE_TIMEOUT_S rather than hanging.
+
+    A connection that failed as "unavailable" is terminated, so the pool opens a fresh
+    one instead of handing the broken one to the next caller.
+    """
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-        yield conn
+        try:
+            yield conn
+        except UNAVAILABLE_ERRORS:
+            conn.terminate()
+            raise
 
 
 def describe(exc: BaseException) -> str:

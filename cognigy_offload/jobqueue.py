@@ -38,6 +38,10 @@ class JobQueue:
         """How many more jobs fit."""
         return max(0, self.capacity - self.depth)
 
+    def waiting(self) -> list[uuid.UUID]:
+        """The ids in the channel, not yet taken by a worker."""
+        return list(self._waiting)
+
     def reserve(self) -> None:
         """Take a slot for a job about to be stored; raise QueueFull if none is left."""
         if self.closed or self.depth >= self.capacity:

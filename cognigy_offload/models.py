@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -168,8 +168,11 @@ def format_variable(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, Decimal | float):
-        return f"{value:.2f}"
+    if isinstance(value, Decimal):
+        # Half away from zero, as PostgreSQL's round() does, not Python's half-to-even.
+        return str(value.quantize(Decimal("0.01"), ROUND_HALF_UP))
+    if isinstance(value, float):
+        return f"{Decimal(repr(value)).quantize(Decimal('0.01'), ROUND_HALF_UP)}"
     if value is None:
         return ""
     if isinstance(value, str):

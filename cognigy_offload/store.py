@@ -186,7 +186,10 @@ class Store:
         self.batches += 1
         try:
             with anyio.CancelScope(shield=True):
-                inserted = await self._insert_rows([p.job for p in batch])
+                try:
+                    inserted = await self._insert_rows([p.job for p in batch])
+                except StoreUnavailable:
+                    inserted = await self._in_doubt([p.job for p in batch])
                 for pending in batch:
                     pending.result = await self._resolve(pending.job, inserted)
         except Exception as exc:
@@ -213,9 +216,31 @@ class Store:
         )
         return {r["id"] for r in rows}
 
+    async def _in_doubt(self, jobs: list[NewJob]) -> set[uuid.UUID]:
+        """After the connection died during the INSERT, the commit may still have happened:
+        look once, so a stored job is answered 202 rather than 503 (and not run unseen).
+        Re-raises the original StoreUnavailable if none of the rows exists."""
+        rows: list[asyncpg.Record] = []
+        for attempt in range(3):  # other pooled connections may be dead too: a fresh one answers
+            try:
+                rows = await self._fetch(
+                    f"SELECT id FROM {TABLE} WHERE id = ANY($1::uuid[])", [j.id for j in jobs]
+                )
+                break
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise
+                await anyio.sleep(0.05)
+        found = {r["id"] for r in rows}
+        if not found:
+            raise StoreUnavailable("PostgreSQL went away during the insert; nothing was stored")
+        return found
+
     async def _resolve(self, job: NewJob, inserted: set[uuid.UUID]) -> Inserted:
         if job.id in inserted:
             return Inserted(job.id, created=True)
+        if job.idempotency_key is None:
+            raise StoreUnavailable("the job was not stored")
         row = await self._fetchrow(
             f"SELECT id, request_digest FROM {TABLE} WHERE idempotency_key = $1",
             job.idempotency_key,
@@ -324,13 +349,21 @@ class Store:
         )
         return int(result.split()[-1])
 
-    async def heartbeat(self) -> int:
-        """Extend the lease on every job this instance holds."""
+    async def heartbeat(self, job_ids: list[uuid.UUID]) -> int:
+        """Extend the lease on the jobs this instance really holds (queued here or running).
+
+        Only those: a job whose row says this instance but that it lost track of (a
+        failed claim while the database was away) must lapse so the sweep takes it again.
+        """
+        if not job_ids:
+            return 0
         result = await self._execute(
             f"""UPDATE {TABLE} SET locked_until = clock_timestamp() + make_interval(secs => $2)
-                    WHERE locked_by = $1 AND status IN ('queued', 'running', 'delivering')""",
+                WHERE id = ANY($3::uuid[]) AND locked_by = $1
+                  AND status IN ('queued', 'running', 'delivering')""",
             self.instance_id,
             self.lease_s,
+            job_ids,
         )
         return int(result.split()[-1])
 

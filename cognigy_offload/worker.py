@@ -7,7 +7,6 @@ crash, a restart or from a dead instance) and prunes finished jobs past the rete
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import datetime as dt
 import time
 import uuid
@@ -79,6 +78,7 @@ class Workers:
         self.metrics = metrics
         self.instance_name = instance_name
         self.busy = 0
+        self.active: set[uuid.UUID] = set()
         self.idle = anyio.Event()
         self.idle.set()
 
@@ -94,9 +94,11 @@ class Workers:
             self.busy += 1
             if self.busy == 1:
                 self.idle = anyio.Event()
+            self.active.add(job_id)
             try:
                 await self.process(job_id)
             finally:
+                self.active.discard(job_id)
                 self.busy -= 1
                 if self.busy == 0:
                     self.idle.set()
@@ -106,6 +108,7 @@ class Workers:
         try:
             job = await self.store.claim(job_id)
         except StoreError as exc:
+            # Not held any more: its lease lapses and the sweep takes the job again.
             log.warning("job.claim_failed", task_id=str(job_id), error=str(exc))
             return
         if job is None:
@@ -227,7 +230,7 @@ class Workers:
     async def sweep(self, *, startup: bool = False) -> int:
         """Renew leases, take over orphaned jobs that fit into the queue; returns how many."""
         if not startup:
-            await self.store.heartbeat()
+            await self.store.heartbeat([*self.queue.waiting(), *self.active])
         slots = 0
         try:
             while slots < self.queue.free:

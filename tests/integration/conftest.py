@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -155,8 +154,8 @@ class Process:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        """Start the process and wait until /healthz answers."""
+    async def start(self) -> None:
+        """Start the process and wait until /healthz answers, without blocking the loop."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cognigy_offload", "serve", "--config", str(self.config_path)],
@@ -166,29 +165,34 @@ class Process:
             cwd=ROOT,
         )
         log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"serve did not come up:\n{self.output()}")
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            with anyio.fail_after(30):
+                while True:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"serve exited with {self.proc.returncode}:\n{self.output()}"
+                        )
+                    try:
+                        if (await client.get(f"{self.url}/healthz")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await anyio.sleep(0.05)
+
+    async def terminate(self, timeout_s: float = 30) -> int:
+        """SIGTERM and wait without blocking the loop; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(timeout_s):
+            while self.proc.poll() is None:
+                await anyio.sleep(0.05)
+        return self.proc.returncode
 
     def kill(self) -> None:
         """kill -9."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-
-    def terminate(self, timeout_s: float = 30) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

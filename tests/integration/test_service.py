@@ -306,16 +306,21 @@ async def test_task_route_needs_auth_and_404s_unknown_ids(service_factory: Any) 
         assert (await svc.client.get("/tasks/not-a-uuid")).status_code == 404
 
 
-def test_serve_reads_config_and_env_overrides(process_factory: Any) -> None:
+async def test_serve_reads_config_and_env_overrides(process_factory: Any) -> None:
     """`serve` starts from config.toml, takes COGNIGY_OFFLOAD__SECTION__KEY overrides, answers."""
     process: Process = process_factory()
     process.env["COGNIGY_OFFLOAD__QUEUE__CAPACITY"] = "3"
-    process.start()
-    ready = httpx.get(f"{process.url}/readyz", timeout=5).json()
-    assert ready["queue"]["capacity"] == 3
-    response = httpx.post(f"{process.url}/webhook/cognigy-trigger", json=body(), headers=AUTH)
-    assert response.status_code == 202
-    assert process.terminate() == 0
+    await process.start()
+    async with httpx.AsyncClient(base_url=process.url, headers=AUTH) as client:
+        ready = (await client.get("/readyz")).json()
+        assert ready["queue"]["capacity"] == 3
+        response = await client.post("/webhook/cognigy-trigger", json=body())
+        assert response.status_code == 202
+        task_id = response.json()["taskId"]
+        with anyio.fail_after(10):
+            while (await client.get(f"/tasks/{task_id}")).json()["status"] != "delivered":
+                await anyio.sleep(0.05)
+    assert await process.terminate() == 0
 
 
 @pytest.mark.parametrize(
@@ -344,7 +349,7 @@ def test_serve_refuses_bad_config_naming_the_key(
     assert expected in result.stdout + result.stderr
 
 
-def test_serve_with_empty_dsn_starts_an_embedded_postgres(
+async def test_serve_with_empty_dsn_starts_an_embedded_postgres(
     process_factory: Any, tmp_path: Path
 ) -> None:
     """An empty database.dsn runs a real embedded PostgreSQL under database.data_dir."""
@@ -354,11 +359,12 @@ def test_serve_with_empty_dsn_starts_an_embedded_postgres(
     data = tomllib.loads(process.config_path.read_text())
     data["queries"] = {"now": {"sql": "SELECT now() AS now, $1::text AS s", "params": ["s"]}}
     process.config_path.write_text(to_toml(data))
-    process.start()
+    await process.start()
     try:
         assert (tmp_path / "pg" / "PG_VERSION").exists()
-        ready = httpx.get(f"{process.url}/readyz", timeout=5)
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"{process.url}/readyz")
         assert ready.status_code == 200, ready.text
     finally:
-        assert process.terminate() == 0
+        assert await process.terminate() == 0
     assert not (tmp_path / "pg" / "postmaster.pid").exists()
