@@ -145,26 +145,42 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return data
 
 
-def _describe_validation_error(exc: msgspec.ValidationError) -> str:
+def _describe_validation_error(exc: msgspec.ValidationError, prefix: str = "") -> str:
     """Turn msgspec's '... - at `$.server.port`' into 'server.port: ...' so the key leads."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `")
     if not sep:
-        return text
-    key = where.rstrip("`").removeprefix("$").lstrip(".")
+        message, where = text, "$"
+    parts = [p for p in (prefix, where.rstrip("`").removeprefix("$").lstrip(".")) if p]
+    named = message.split("`")[1] if message.count("`") >= 2 else ""
     if "unknown field" in message:
-        unknown = message.split("`")[1] if "`" in message else ""
-        full = f"{key}.{unknown}" if key else unknown
-        return f"{full}: unknown key"
-    return f"{key}: {message}"
+        return f"{'.'.join([*parts, named])}: unknown key"
+    if "missing required field" in message:
+        return f"{'.'.join([*parts, named])}: required key is missing"
+    return f"{'.'.join(parts)}: {message}"
 
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Convert a raw TOML table into a Config, raising ConfigError naming the bad key."""
+    # Queries are converted one by one so an error names the query (msgspec reports a
+    # dict value's path as `queries[...]`).
+    queries = data.get("queries", {})
+    if not isinstance(queries, dict):
+        raise ConfigError(["queries: must be a table of [queries.NAME] sections"])
+    problems: list[str] = []
+    parsed: dict[str, QueryConfig] = {}
+    for name, raw in queries.items():
+        try:
+            parsed[name] = msgspec.convert(raw, QueryConfig, strict=True)
+        except msgspec.ValidationError as exc:
+            problems.append(_describe_validation_error(exc, prefix=f"queries.{name}"))
     try:
-        config = msgspec.convert(data, Config, strict=True)
+        config = msgspec.convert({**data, "queries": {}}, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError([_describe_validation_error(exc)]) from exc
+        problems.insert(0, _describe_validation_error(exc))
+    if problems:
+        raise ConfigError(problems)
+    config.queries = parsed
     problems = validate_values(config)
     if problems:
         raise ConfigError(problems)
