@@ -23,7 +23,7 @@ import asyncpg
 from . import db
 from .config import QueryConfig
 from .errors import ConfigError, QueryError, QueryTimeout, QueryUnavailable, RequestError
-from .models import ENCODER, json_value
+from .models import ENCODER, EXACT_DECODER, json_value
 
 DATE_RANGE = re.compile(r"^(\d{4}-\d{2}-\d{2})_to_(\d{4}-\d{2}-\d{2})$")
 MAX_TEXT_CHARS = 10_000
@@ -70,6 +70,7 @@ class Query:
     pg_types: tuple[str, ...]
     columns: tuple[str, ...]
     cache_ttl_s: float
+    json_columns: frozenset[int] = frozenset()
 
 
 def _as_date(text: Any) -> dt.date:
@@ -278,6 +279,11 @@ class Catalog:
                     continue
                 types = tuple(t.name for t in stmt.get_parameters())
                 columns = tuple(a.name for a in stmt.get_attributes())
+                json_columns = frozenset(
+                    i
+                    for i, a in enumerate(stmt.get_attributes())
+                    if a.type.name in ("json", "jsonb")
+                )
                 if len(types) != len(cfg.params):
                     problems.append(
                         f"queries.{name}.params: the SQL has {len(types)} parameters "
@@ -292,7 +298,13 @@ class Catalog:
                             "in the SQL (e.g. $1::text)"
                         )
                 queries[name] = Query(
-                    name, cfg.sql, tuple(cfg.params), types, columns, cfg.cache_ttl_s
+                    name,
+                    cfg.sql,
+                    tuple(cfg.params),
+                    types,
+                    columns,
+                    cfg.cache_ttl_s,
+                    json_columns,
                 )
         if problems:
             raise ConfigError(problems)
@@ -344,14 +356,26 @@ class Catalog:
         return args
 
 
-def rows_to_result(columns: tuple[str, ...], rows: list[Any]) -> dict[str, Any]:
-    """One row gives its columns; any other count gives ``rowCount`` and ``rows``."""
+def rows_to_result(
+    columns: tuple[str, ...], rows: list[Any], json_columns: frozenset[int] = frozenset()
+) -> dict[str, Any]:
+    """One row gives its columns; any other count gives ``rowCount`` and ``rows``.
+
+    json/jsonb columns arrive from asyncpg as text and are parsed (numbers kept exact).
+    """
+
+    def value(row: Any, index: int) -> Any:
+        raw = row[index]
+        if index in json_columns and isinstance(raw, str):
+            return json_value(EXACT_DECODER.decode(raw))
+        return json_value(raw)
+
+    def as_object(row: Any) -> dict[str, Any]:
+        return {name: value(row, i) for i, name in enumerate(columns)}
+
     if len(rows) == 1:
-        return {name: json_value(rows[0][i]) for i, name in enumerate(columns)}
-    return {
-        "rowCount": len(rows),
-        "rows": [{name: json_value(row[i]) for i, name in enumerate(columns)} for row in rows],
-    }
+        return as_object(rows[0])
+    return {"rowCount": len(rows), "rows": [as_object(row) for row in rows]}
 
 
 @dataclass
@@ -428,7 +452,7 @@ class Executor:
             async with db.connection(self._pool) as conn, conn.transaction(readonly=True):
                 rows = await conn.fetch(query.sql, *args)
             outcome = "ok"
-            return rows_to_result(query.columns, rows)
+            return rows_to_result(query.columns, rows, query.json_columns)
         except asyncpg.QueryCanceledError as exc:
             outcome = "timeout"
             raise QueryTimeout(f"query {query.name!r} ran into statement_timeout") from exc

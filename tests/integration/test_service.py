@@ -368,3 +368,35 @@ async def test_serve_with_empty_dsn_starts_an_embedded_postgres(
     finally:
         assert await process.terminate() == 0
     assert not (tmp_path / "pg" / "postmaster.pid").exists()
+
+
+async def test_every_column_type_maps_to_json_by_the_documented_rule(
+    service_factory: Any, sim: tuple[SimState, str]
+) -> None:
+    """numeric exact (huge and tiny), NaN/Infinity as null, bigint beyond 2^53 exact, dates
+    and timestamps as ISO 8601, NULL as null, json/jsonb parsed: in the task and the push."""
+    sql = """
+    SELECT 12345678901234567890123.45::numeric AS huge, 1e-30::numeric AS tiny,
+           'NaN'::numeric AS nan, 'Infinity'::float8 AS inf, 9007199254740993::bigint AS big,
+           DATE '2024-01-02' AS day, TIMESTAMPTZ '2024-01-02 03:04:05.5+00' AS at,
+           NULL::int AS nothing, '{"a": [1, 2.50]}'::jsonb AS doc, '[true]'::json AS arr,
+           $1::text AS segment
+    """
+    types = {"sql": sql, "params": ["customer_segment"]}
+    state, _ = sim
+    async with service_factory(queries={"types": types}) as svc:
+        task_id = (await svc.post(body(query="types"))).json()["taskId"]
+        doc = await svc.wait_status(task_id, {"delivered", "failed"})
+        raw = (await svc.client.get(f"/tasks/{task_id}")).content
+    assert doc["status"] == "delivered", doc
+    assert b'"huge":12345678901234567890123.45' in raw
+    assert b'"big":9007199254740993' in raw and b'"tiny":1E-30' in raw.replace(b"e", b"E")
+    pushed = state.delivered()[0].body["context"]["offload"]
+    assert pushed["huge"] == Decimal("12345678901234567890123.45")
+    assert pushed["tiny"] == Decimal("1E-30")
+    assert pushed["big"] == 9007199254740993
+    assert pushed["nan"] is None and pushed["inf"] is None and pushed["nothing"] is None
+    assert pushed["day"] == "2024-01-02"
+    assert pushed["at"] == "2024-01-02T03:04:05.500000+00:00"
+    assert pushed["doc"] == {"a": [1, Decimal("2.50")]} and pushed["arr"] == [True]
+    assert pushed["segment"] == "enterprise"

@@ -1,0 +1,107 @@
+"""The job table's guarantees, against a real PostgreSQL: fencing, leases, take-over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from cognigy_offload.errors import LeaseLost
+from cognigy_offload.models import Target
+from cognigy_offload.store import NewJob, Store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database, min_size=1, max_size=4) as made:
+        yield made
+
+
+def store(pool: asyncpg.Pool, name: str, lease_s: float = 30) -> Store:
+    return Store(pool, instance_id=name, lease_s=lease_s, deadline_s=60)
+
+
+async def insert(s: Store, count: int) -> list[uuid.UUID]:
+    """Store ``count`` jobs through the group-commit path."""
+    target = Target(mode="context", userId="u", sessionId="s")
+    ids: list[uuid.UUID] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(s.run_committer)
+
+        async def one() -> None:
+            job = NewJob(uuid.uuid4(), "revenue", b"{}", target, None, None)
+            ids.append((await s.insert(job)).id)
+
+        async with anyio.create_task_group() as inner:
+            for _ in range(count):
+                inner.start_soon(one)
+        tg.cancel_scope.cancel()
+    return ids
+
+
+async def test_a_stale_claim_cannot_overwrite_a_newer_one(pool: asyncpg.Pool) -> None:
+    """After another instance took the job over, the old holder's writes raise LeaseLost
+    and change nothing."""
+    a, b = store(pool, "a", lease_s=0.1), store(pool, "b")
+    await a.migrate()
+    [job_id] = await insert(a, 1)
+    old = await a.claim(job_id)
+    assert old is not None and old.status == "running"
+    await anyio.sleep(0.2)  # a's lease lapses (a is presumed dead)
+    assert await b.take_over(10) == [job_id]
+    new = await b.claim(job_id)
+    assert new is not None and new.lease_epoch > old.lease_epoch
+    with pytest.raises(LeaseLost):
+        await a.save_result(old, {"n": 1})
+    with pytest.raises(LeaseLost):
+        await a.finish(old, "failed")
+    await b.save_result(new, {"n": 2})
+    current = await b.get(job_id)
+    assert current is not None and current.result == {"n": 2}
+    assert current.status == "delivering"
+
+
+async def test_concurrent_sweeps_never_take_the_same_job(pool: asyncpg.Pool) -> None:
+    """FOR UPDATE SKIP LOCKED: two instances sweeping at once split the orphans."""
+    a, b, c = store(pool, "a"), store(pool, "b"), store(pool, "c", lease_s=0.05)
+    await a.migrate()
+    ids = await insert(c, 40)
+    await anyio.sleep(0.1)  # c's leases lapse
+    taken: dict[str, list[uuid.UUID]] = {}
+
+    async def sweep(s: Store) -> None:
+        taken[s.instance_id] = await s.take_over(40)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sweep, a)
+        tg.start_soon(sweep, b)
+    assert not set(taken["a"]) & set(taken["b"])
+    assert set(taken["a"]) | set(taken["b"]) == set(ids)
+
+
+async def test_heartbeat_renews_only_the_jobs_named(pool: asyncpg.Pool) -> None:
+    """A job the instance lost track of is not renewed, so its lease lapses."""
+    a = store(pool, "a", lease_s=0.2)
+    await a.migrate()
+    kept, lost = await insert(a, 2)
+    await anyio.sleep(0.1)
+    assert await a.heartbeat([kept]) == 1
+    await anyio.sleep(0.15)
+    other = store(pool, "b")
+    assert await other.take_over(10) == [lost]
+
+
+async def test_group_commit_shares_inserts(pool: asyncpg.Pool) -> None:
+    """Concurrent inserts are committed in fewer statements than jobs, all rows present."""
+    a = store(pool, "a")
+    await a.migrate()
+    ids = await insert(a, 50)
+    assert len(set(ids)) == 50
+    assert a.batches < 50
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM cognigy_offload_jobs") == 50
