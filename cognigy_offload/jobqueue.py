@@ -35,8 +35,8 @@ class JobQueue:
 
     @property
     def free(self) -> int:
-        """How many more jobs fit."""
-        return max(0, self.capacity - self.depth)
+        """How many more jobs fit (none once closed)."""
+        return 0 if self.closed else max(0, self.capacity - self.depth)
 
     def waiting(self) -> list[uuid.UUID]:
         """The ids in the channel, not yet taken by a worker."""

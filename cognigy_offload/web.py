@@ -285,6 +285,14 @@ async def _accept(request: Request, service: Service) -> Response:
     waiter = service.waiters.register(inserted.id) if wait_s > 0 else None
     service.queue.push(inserted.id)
     service.metrics.jobs_accepted.inc()
+    log.info(
+        "job.accepted",
+        task_id=task_id,
+        conversation_id=target.conversationId,
+        query=query.name,
+        status="queued",
+        duration_s=0.0,
+    )
     if waiter is not None:
         document = await _wait_inline(request, service, inserted.id, waiter, wait_s)
         if document is not None:

@@ -27,7 +27,7 @@ from .errors import (
     StoreError,
 )
 from .inline import InlineWaiters
-from .jobqueue import JobQueue, QueueFull
+from .jobqueue import JobQueue
 from .metrics import Metrics
 from .models import Job, JobError, Target
 from .queries import Catalog, Executor
@@ -116,6 +116,13 @@ class Workers:
         with structlog.contextvars.bound_contextvars(
             task_id=str(job.id), conversation_id=job.target.conversationId, query=job.query
         ):
+            log.info(
+                "job.claimed",
+                status=job.status,
+                duration_s=self._age_s(job),
+                attempts_query=job.attempts_query,
+                attempts_delivery=job.attempts_delivery,
+            )
             try:
                 await self._advance(job)
             except LeaseLost as exc:
@@ -190,10 +197,15 @@ class Workers:
             job.status = "answered"
             job.updated_at = job.result_at
             self._count_final(job, "answered")
-            log.info("job.answered", duration_s=self._age_s(job))
+            log.info("job.answered", status="answered", duration_s=self._age_s(job))
             self.waiters.finish(job.id, job.document())
             return True
-        log.info("job.result_stored", attempts=job.attempts_query)
+        log.info(
+            "job.result_stored",
+            status="delivering",
+            duration_s=self._age_s(job),
+            attempts=job.attempts_query,
+        )
         return False
 
     async def _finish(
@@ -201,7 +213,7 @@ class Workers:
     ) -> None:
         await self.store.finish(job, status, error)
         self._count_final(job, status)
-        fields: dict[str, Any] = {"duration_s": self._age_s(job)}
+        fields: dict[str, Any] = {"status": status, "duration_s": self._age_s(job)}
         if error is not None:
             fields.update(kind=error.kind, detail=error.detail, http_status=error.httpStatus)
         if http_status is not None:
@@ -231,20 +243,16 @@ class Workers:
         """Renew leases, take over orphaned jobs that fit into the queue; returns how many."""
         if not startup:
             await self.store.heartbeat([*self.queue.waiting(), *self.active])
-        slots = 0
-        try:
-            while slots < self.queue.free:
-                self.queue.reserve()
-                slots += 1
-        except QueueFull:
-            pass
-        try:
-            taken = await self.store.take_over(
-                slots, previous_prefix=f"{self.instance_name}:" if startup else None
-            )
-        finally:
-            for _ in range(slots):
-                self.queue.cancel()
+        # No slots are reserved while the database answers, so webhooks arriving meanwhile
+        # are not refused; what no longer fits afterwards is handed back at once.
+        taken = await self.store.take_over(
+            self.queue.free, previous_prefix=f"{self.instance_name}:" if startup else None
+        )
+        free = self.queue.free  # the queue may have filled up or closed meanwhile
+        fits, rest = taken[:free], taken[free:]
+        if rest:
+            await self.store.release_unstarted(rest)
+        taken = fits
         for job_id in taken:
             self.queue.put(job_id)
         if taken:

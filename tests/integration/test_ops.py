@@ -107,11 +107,6 @@ async def test_production_logs_are_json_lines_with_the_job_context_of_their_own_
         assert isinstance(finals[0]["duration_s"], float) and finals[0]["duration_s"] >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the worker.py/web.py patch of issue 7: a line with status and duration_s "
-    "for queued and running, duration_s on job.result_stored, status on every state line",
-)
 async def test_every_state_change_of_a_job_has_one_line_with_duration(
     service_factory: Any,
 ) -> None:

@@ -381,8 +381,8 @@ class TestDeadlines:
             doc = await svc.wait_status(second, {"expired", "delivered", "failed"})
             await svc.wait_status(first, {"expired", "delivered", "failed"})
         assert doc["status"] == "expired"
-        assert doc["result"] is None
-        assert len(state.delivered()) == 1  # only the first job's result was pushed
+        assert doc["result"] is None and doc["attempts"] == {"query": 0, "delivery": 0}
+        assert state.delivered() == []  # the first job, finished after its deadline, neither
 
 
 class TestDeadLetters:
