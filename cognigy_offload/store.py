@@ -266,8 +266,8 @@ class Store:
                 lease_epoch = lease_epoch + 1,
                 locked_until = clock_timestamp() + make_interval(secs => $3),
                 status = CASE WHEN result IS NULL THEN 'running' ELSE 'delivering' END,
-                attempts_query = attempts_query
-                    + CASE WHEN result IS NULL AND deadline_at > clock_timestamp() THEN 1 ELSE 0 END,
+                attempts_query = attempts_query + CASE
+                    WHEN result IS NULL AND deadline_at > clock_timestamp() THEN 1 ELSE 0 END,
                 updated_at = clock_timestamp()
             WHERE id = $1 AND locked_by = $2 AND status IN ('queued', 'running', 'delivering')
             RETURNING {_COLUMNS}
