@@ -43,7 +43,7 @@ class QueueConfig(_Section):
     lease_s: float = 30.0
     sweep_interval_s: float = 5.0
     retention_s: float = 7 * 86400.0
-    group_commit_ms: float = 1.0
+    group_commit_ms: float = 0.0
 
 
 class DatabaseConfig(_Section):
