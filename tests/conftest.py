@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from cognigy_offload.config import Config, load_config, parse_config
 from cognigy_offload.db import EmbeddedPostgres
 from cognigy_offload.seed import ensure_transactions
 
@@ -94,16 +94,8 @@ async def database(pg_admin_dsn: str, pg_template: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-def shipped_config() -> Config:
-    """The config.toml that ships with the project (no environment overrides)."""
-    return load_config(ROOT / "config.toml", environ={})
-
-
-def make_config(**sections: dict[str, Any]) -> Config:
-    """The shipped config with some keys replaced, e.g. make_config(queue={"workers": 2})."""
-    import tomllib
-
-    data = tomllib.loads((ROOT / "config.toml").read_text())
+def merge(data: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Set keys of config sections in ``data``; a dict value for a sub-table is merged."""
     for section, values in sections.items():
         node = data.setdefault(section, {})
         for key, value in values.items():
@@ -111,4 +103,9 @@ def make_config(**sections: dict[str, Any]) -> Config:
                 node[key].update(value)
             else:
                 node[key] = value
-    return parse_config(data)
+    return data
+
+
+def shipped_data(**sections: dict[str, Any]) -> dict[str, Any]:
+    """The shipped config.toml as a dict, with some keys replaced (see merge)."""
+    return merge(tomllib.loads((ROOT / "config.toml").read_text()), sections)

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from cognigy_offload.config import Config, Secrets, parse_config
 from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import SimState, run_sim
 from cognigy_offload.web import Service
-from tests.conftest import ROOT
+from tests.conftest import ROOT, merge, shipped_data
 
 WEBHOOK_TOKEN = "test-webhook-token-0123456789"
 CLIENT_SECRET = "test-client-secret-abcdef"
@@ -58,21 +57,19 @@ def body(**changes: Any) -> dict[str, Any]:
 
 
 def config_data(sim_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    """The shipped config.toml as a dict, pointed at the stand-in, with overrides."""
-    data = tomllib.loads((ROOT / "config.toml").read_text())
-    data["cognigy"].update(api_url=sim_url, endpoint_url=sim_url)
-    data["cognigy"]["auth"].update(client_id="offload-test")
-    data["cognigy"].update(backoff_base_s=0.01, backoff_max_s=0.05)
-    data["queue"].update(workers=4, sweep_interval_s=0.2, lease_s=2)
-    data["server"].update(shutdown_grace_s=5)
-    for section, values in sections.items():
-        node = data.setdefault(section, {})
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(node.get(key), dict):
-                node[key].update(value)
-            else:
-                node[key] = value
-    return data
+    """The shipped config.toml as a dict, pointed at the stand-in, fast retries, overrides."""
+    test_defaults: dict[str, dict[str, Any]] = {
+        "cognigy": {
+            "api_url": sim_url,
+            "endpoint_url": sim_url,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.05,
+            "auth": {"client_id": "offload-test"},
+        },
+        "queue": {"workers": 4, "sweep_interval_s": 0.2, "lease_s": 2},
+        "server": {"shutdown_grace_s": 5},
+    }
+    return merge(shipped_data(**test_defaults), sections)
 
 
 SECRETS = Secrets(webhook_tokens=(WEBHOOK_TOKEN,), client_secret=CLIENT_SECRET, api_key="k" * 24)
