@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Iterator
@@ -53,6 +54,7 @@ def pg_admin_dsn() -> Iterator[str]:
         yield dsn
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
