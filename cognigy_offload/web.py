@@ -36,6 +36,7 @@ MAX_VARIABLES = 200
 MAX_IDEMPOTENCY_KEY = 255
 RETRY_AFTER_FULL_S = "2"
 RETRY_AFTER_DOWN_S = "5"
+STORE_WAIT_S = 1.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6}(?:\.\d{1,6})?)\"?", re.IGNORECASE)
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -255,8 +256,10 @@ async def _accept(request: Request, service: Service) -> Response:
         digest=digest(body) if key is not None else None,
     )
     try:
-        inserted = await service.store.insert(new)
-    except StoreUnavailable:
+        # A database that hangs (not refuses) must still give a quick 503, not a hang.
+        with anyio.fail_after(STORE_WAIT_S):
+            inserted = await service.store.insert(new)
+    except (StoreUnavailable, TimeoutError):
         service.queue.cancel()
         raise RequestError(
             503,

@@ -270,6 +270,27 @@ class TestDatabaseOutage:
                     await anyio.sleep(0.1)
             await svc.wait_status(response.json()["taskId"], {"delivered"})
 
+    async def test_a_hanging_database_still_answers_503_within_a_second(
+        self, service_factory: Any, database: str
+    ) -> None:
+        """A job table that blocks (locked, not down) gives 503 with Retry-After in ~1 s."""
+        async with service_factory() as svc:
+            assert (await svc.post()).status_code == 202
+            blocker = await asyncpg.connect(database)
+            try:
+                async with blocker.transaction():
+                    await blocker.execute(
+                        "LOCK TABLE cognigy_offload_jobs IN ACCESS EXCLUSIVE MODE"
+                    )
+                    started = anyio.current_time()
+                    with anyio.fail_after(3):
+                        response = await svc.post()
+                    elapsed_s = anyio.current_time() - started
+            finally:
+                await blocker.close()
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert elapsed_s < 1.5
+
 
 class TestIdempotency:
     """Idempotency-Key: one job per key, enforced by PostgreSQL."""
