@@ -126,9 +126,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        digits = declared.strip()
+        # isdigit() alone passes "²", which int() refuses: only ASCII digits are a length.
+        if not (digits.isascii() and digits.isdigit()):
             raise RequestError(400, "bad_request", "Content-Length is not a number.")
-        if int(declared) > limit:
+        # No int() of thousands of digits (Python refuses over 4,300): long means too large.
+        digits = digits.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
