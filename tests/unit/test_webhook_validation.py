@@ -13,11 +13,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from starlette.requests import Request
+from starlette.types import Message
 
 from cognigy_offload.errors import RequestError
 from cognigy_offload.models import WebhookRequest
 from cognigy_offload.queries import MAX_TEXT_CHARS, Catalog, ParamError, Query, _coerce
-from cognigy_offload.web import decode_webhook
+from cognigy_offload.web import decode_webhook, read_body
 
 VALID: dict[str, Any] = {
     "conversationId": "conv_8f4a2c1d",
@@ -368,3 +370,56 @@ class TestCoerce:
     def test_json_may_hold_a_nul_where_jsonb_may_not(self) -> None:
         """The json type keeps \\u0000 as written; only jsonb refuses it."""
         assert _coerce({"a": "x\x00y"}, "json") == '{"a":"x\\u0000y"}'
+
+
+def request_with(content_length: bytes | None, chunks: list[bytes]) -> Request:
+    """A Starlette request whose body arrives in ``chunks`` (consumed from the list)."""
+    headers = [(b"content-type", b"application/json")]
+    if content_length is not None:
+        headers.append((b"content-length", content_length))
+    pending = chunks if chunks else [b""]
+
+    async def receive() -> Message:
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    return Request(scope, receive)
+
+
+class TestReadBody:
+    @pytest.mark.anyio
+    async def test_a_body_within_the_limit_is_read_whole(self) -> None:
+        """Chunks up to the limit are joined."""
+        body = await read_body(request_with(b"6", [b"abc", b"def"]), limit=6)
+        assert body == b"abcdef"
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("declared", [None, b"3"])
+    async def test_a_body_growing_past_the_limit_is_a_413(self, declared: bytes | None) -> None:
+        """Chunked or under-declared, the body is cut off as soon as it passes the limit."""
+        chunks = [b"x" * 4] * 1_000
+        with pytest.raises(RequestError) as caught:
+            await read_body(request_with(declared, chunks), limit=10)
+        assert caught.value.status == 413
+        assert len(chunks) == 1_000 - 3  # three chunks were read, the rest never
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("declared", [b"11", b"9" * 30, b"9" * 5_000, b"00000000000000000011"])
+    async def test_a_declared_length_over_the_limit_is_a_413_before_reading(
+        self, declared: bytes
+    ) -> None:
+        """A Content-Length over the limit is refused from the header alone, however long."""
+        with pytest.raises(RequestError) as caught:
+            await read_body(request_with(declared, [b"x"]), limit=10)
+        assert caught.value.status == 413
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize(
+        "declared", [b"abc", b"-1", b"+5", b"1e3", b"0x10", b"\xb2", b"\xb9\xb2", b"", b"1 2"]
+    )
+    async def test_a_content_length_that_is_not_a_number_is_a_400(self, declared: bytes) -> None:
+        """Anything but ASCII digits is a 400, never an exception from int()."""
+        with pytest.raises(RequestError) as caught:
+            await read_body(request_with(declared, [b"{}"]), limit=10)
+        assert (caught.value.status, caught.value.field) == (400, None)
