@@ -836,3 +836,28 @@ async def test_an_idempotency_conflict_does_not_refuse_the_jobs_committed_with_i
                 tg.start_soon(post, body(userId=f"fresh-{index}"), {})
     assert sorted(answers) == [202] * 5 + [409]
     assert await job_rows(database) == 1 + 5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cognigy.describe_response copies Cognigy's error text, credentials included, into "
+    "the job error and the log (patch in the issue-5 report)",
+)
+@pytest.mark.parametrize("kind", ["oauth2", "api_key"])
+async def test_a_cognigy_answer_echoing_the_credential_sent_does_not_leak_it(
+    service_factory: Any, sim: tuple[SimState, str], kind: str
+) -> None:
+    """If Cognigy's error body quotes the bearer token or API key it was sent, that
+    credential reaches neither the task document nor the log."""
+    state, _ = sim
+    with capture_logs(processors=LOG_PIPELINE) as entries:
+        async with service_factory(cognigy={"auth": {"kind": kind}}) as svc:
+            delivered = (await svc.post()).json()["taskId"]
+            await svc.wait_status(delivered, {"delivered"})
+            credential = next(iter(state._tokens)) if kind == "oauth2" else API_KEY
+            echo = {"title": "Forbidden", "detail": f"credential {credential} lacks a scope"}
+            state.add_faults(Fault(403, body=echo))
+            task_id = (await svc.post()).json()["taskId"]
+            doc = await svc.wait_status(task_id, {"failed"})
+    assert doc["error"]["kind"] == "forbidden"
+    assert_no_secret([json.dumps(doc), *(repr(e) for e in entries)], [credential])
