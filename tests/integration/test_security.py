@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import tomllib
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -696,8 +697,8 @@ async def test_a_flood_gets_503s_with_retry_after_and_memory_stays_bounded(
     process_factory: Any, sim: tuple[SimState, str], database: str
 ) -> None:
     """20,000 webhooks from 64 keep-alive connections against a queue of 100 and a slow
-    Cognigy: the overflow gets 503 + Retry-After at once, the process's memory stays
-    bounded, and every job that got a 202 is delivered."""
+    Cognigy: the overflow gets 503 + Retry-After at once, the process's memory and its
+    PostgreSQL connections stay bounded, and every job that got a 202 is delivered."""
     state, _ = sim
     total, concurrency = 20_000, 64
     process: Process = process_factory(
@@ -706,6 +707,7 @@ async def test_a_flood_gets_503s_with_retry_after_and_memory_stays_bounded(
     )
     await process.start()
     assert process.proc is not None
+    pool_max = tomllib.loads(process.config_path.read_text())["database"]["pool_max"]
     request = request_bytes(WEBHOOK, json.dumps(body()).encode())
     statuses: dict[int, int] = {}
     accepted: list[str] = []
@@ -738,15 +740,38 @@ async def test_a_flood_gets_503s_with_retry_after_and_memory_stays_bounded(
     statuses.clear()
     state.slowness_s = 0.05  # 4 workers x 20 deliveries/s: the queue fills at once
     started = time.monotonic()
+    most_connections = 0
+
+    async def count_connections() -> None:
+        nonlocal most_connections
+        conn = await asyncpg.connect(database)
+        try:
+            while True:
+                count = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'cognigy-offload'"
+                )
+                most_connections = max(most_connections, count)
+                await anyio.sleep(0.1)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
     with anyio.fail_after(90):
-        async with watching_rss(process.proc.pid, period_s=0.1) as watch:
+        async with (
+            watching_rss(process.proc.pid, period_s=0.1) as watch,
+            anyio.create_task_group() as sampler,
+        ):
+            sampler.start_soon(count_connections)
             await flood(total + 1_000)
+            sampler.cancel_scope.cancel()
     flood_s = time.monotonic() - started
     state.slowness_s = 0.0
     await wait_delivered(database, accepted, timeout_s=60)
     print(
         f"flood: {total} requests in {flood_s:.1f} s ({total / flood_s:.0f}/s), answers "
-        f"{statuses}; RSS {watch.baseline / MB:.1f} MB, peak +{watch.growth_mb:.1f} MB"
+        f"{statuses}; RSS {watch.baseline / MB:.1f} MB, peak +{watch.growth_mb:.1f} MB; "
+        f"at most {most_connections} PostgreSQL connections"
     )
     assert set(statuses) <= {202, 503}, statuses
     assert sum(statuses.values()) == total
@@ -754,6 +779,7 @@ async def test_a_flood_gets_503s_with_retry_after_and_memory_stays_bounded(
     assert statuses.get(202, 0) >= 100  # at least the queue's capacity got in
     assert await job_rows(database) == len(accepted) == warm_up_accepted + statuses[202]
     assert watch.growth_mb < 40
+    assert 0 < most_connections <= pool_max
 
 
 async def wait_delivered(dsn: str, task_ids: list[str], timeout_s: float) -> None:
