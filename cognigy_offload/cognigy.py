@@ -138,13 +138,27 @@ def describe_response(response: httpx.Response) -> str:
             excerpt = f"{excerpt} (traceId {trace_id})" if excerpt else f"traceId {trace_id}"
     if not excerpt:
         excerpt = response.text
-    excerpt = " ".join(excerpt.split())
+    excerpt = _without_credentials(" ".join(excerpt.split()), response)
     if len(excerpt) > _EXCERPT_CHARS:
         excerpt = excerpt[: _EXCERPT_CHARS - 1] + "…"
     head = f"HTTP {response.status_code}"
     if excerpt:
         return f"{head}: {excerpt}"
     return f"{head} {response.reason_phrase}".rstrip()
+
+
+def _without_credentials(text: str, response: httpx.Response) -> str:
+    """Cut the credential that was sent out of an answer that echoes it back."""
+    try:
+        headers = response.request.headers
+    except RuntimeError:  # a response built without a request
+        return text
+    for name in ("authorization", "x-api-key"):
+        value = headers.get(name, "")
+        secret = value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
+        if len(secret) >= 4:
+            text = text.replace(secret, "<redacted>")
+    return text
 
 
 @dataclass(slots=True)

@@ -191,7 +191,10 @@ class Store:
                 except StoreUnavailable:
                     inserted = await self._in_doubt([p.job for p in batch])
                 for pending in batch:
-                    pending.result = await self._resolve(pending.job, inserted)
+                    try:
+                        pending.result = await self._resolve(pending.job, inserted)
+                    except RequestError as exc:  # one 409 must not refuse its batch mates
+                        pending.error = exc
         except Exception as exc:
             error = self._translate(exc)
             for pending in batch:

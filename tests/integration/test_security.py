@@ -836,11 +836,6 @@ async def test_inline_waits_are_bounded(service_factory: Any) -> None:
 # -- found by the fuzzer ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.Store._flush: one job's 409 in a group commit fails the rest of the batch "
-    "although their rows were inserted (patch in the issue-5 report)",
-)
 async def test_an_idempotency_conflict_does_not_refuse_the_jobs_committed_with_it(
     service_factory: Any, database: str
 ) -> None:
@@ -864,11 +859,6 @@ async def test_an_idempotency_conflict_does_not_refuse_the_jobs_committed_with_i
     assert await job_rows(database) == 1 + 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cognigy.describe_response copies Cognigy's error text, credentials included, into "
-    "the job error and the log (patch in the issue-5 report)",
-)
 @pytest.mark.parametrize("kind", ["oauth2", "api_key"])
 async def test_a_cognigy_answer_echoing_the_credential_sent_does_not_leak_it(
     service_factory: Any, sim: tuple[SimState, str], kind: str
