@@ -166,7 +166,7 @@ async def test_concurrent_webhooks_share_inserts_and_every_202_has_its_row(
 ) -> None:
     """Webhooks that arrive while an INSERT is in flight are committed together in one
     statement: fewer INSERT batches than requests, a 202 for each, and every row exists."""
-    n = 40
+    n = 24
     payloads = [body(conversationId=f"gc-{i}") for i in range(n)]
     async with service_factory(queue={"capacity": 200}) as svc:
         store = svc.service.store
