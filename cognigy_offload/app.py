@@ -83,12 +83,15 @@ def build_app(
         Route("/metrics", web.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(web.WebhookAuth, tokens=secrets.webhook_tokens, metrics=metrics)],
         exception_handlers={HTTPException: web.http_error, Exception: web.internal_error},
         lifespan=lifespan,
     )
+    # A trailing slash is a 404 in the JSON shape, not a redirect built from the Host header.
+    app.router.redirect_slashes = False
+    return app
 
 
 @contextlib.asynccontextmanager

@@ -7,6 +7,7 @@ presumed dead cannot overwrite the work of the one that took over.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import uuid
@@ -126,6 +127,7 @@ class _Pending:
     done: anyio.Event
     result: Inserted | None = None
     error: BaseException | None = None
+    abandoned: bool = False
 
 
 class Store:
@@ -165,11 +167,33 @@ class Store:
         pending = _Pending(job, anyio.Event())
         self._pending.append(pending)
         self._wake.set()
-        await pending.done.wait()
+        try:
+            await pending.done.wait()
+        except BaseException:
+            # The caller gave up (the webhook's 1 s wait, a client that left) and answers
+            # that nothing was stored: make that true, or a retry runs the job twice.
+            with anyio.CancelScope(shield=True):
+                await self._abandon(pending)
+            raise
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    async def _abandon(self, pending: _Pending) -> None:
+        if pending in self._pending:  # not sent yet: it never will be
+            self._pending.remove(pending)
+            return
+        pending.abandoned = True  # in flight: _flush deletes the row once committed
+        if pending.done.is_set() and pending.result is not None and pending.result.created:
+            await self._forget([pending.result.id])
+
+    async def _forget(self, ids: list[uuid.UUID]) -> None:
+        """Delete jobs whose caller was told they were not stored (no worker has them)."""
+        with contextlib.suppress(StoreError):
+            await self._execute(
+                f"DELETE FROM {TABLE} WHERE id = ANY($1::uuid[]) AND status = 'queued'", ids
+            )
 
     async def run_committer(self) -> None:
         """Flush pending inserts in batches until cancelled (one task per app)."""
@@ -203,6 +227,14 @@ class Store:
         finally:
             for pending in batch:
                 pending.done.set()
+            forgotten = [
+                p.result.id
+                for p in batch
+                if p.abandoned and p.result is not None and p.result.created
+            ]
+            if forgotten:
+                with anyio.CancelScope(shield=True):
+                    await self._forget(forgotten)
 
     async def _insert_rows(self, jobs: list[NewJob]) -> set[uuid.UUID]:
         rows = await self._fetch(

@@ -879,12 +879,6 @@ async def test_a_cognigy_answer_echoing_the_credential_sent_does_not_leak_it(
     assert_no_secret([json.dumps(doc), *(repr(e) for e in entries)], [credential])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.Store.insert: a caller that gives up (web's 1 s wait) leaves its pending "
-    "insert in the group commit, so a webhook answered 503 is stored and run later "
-    "(patch in the issue-5 report)",
-)
 async def test_a_webhook_answered_503_leaves_no_job_behind(
     service_factory: Any, database: str
 ) -> None:
