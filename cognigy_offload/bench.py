@@ -1377,6 +1377,16 @@ def _fast_modules() -> dict[str, bool]:
     return found
 
 
+def uvicorn_fast_options() -> dict[str, str]:
+    """uvicorn's event loop and HTTP parser as app.serve picks them: uvloop and httptools
+    when installed (the ``fast`` extra)."""
+    found = _fast_modules()
+    options = {"loop": "uvloop"} if found["uvloop"] else {}
+    if found["httptools"]:
+        options["http"] = "httptools"
+    return options
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -1555,7 +1565,7 @@ def _child_main(argv: Sequence[str]) -> int:
     import uvicorn
 
     from . import logs
-    from .app import _fast_choices, build_app
+    from .app import build_app
     from .config import load_config, load_secrets
 
     parser = argparse.ArgumentParser(prog="python -m cognigy_offload.bench")
@@ -1584,7 +1594,7 @@ def _child_main(argv: Sequence[str]) -> int:
             log_config=None,
             access_log=False,
             server_header=False,
-            **_fast_choices(),  # type: ignore[arg-type]
+            **uvicorn_fast_options(),  # type: ignore[arg-type]
         )
     )
     server.run()

@@ -248,3 +248,12 @@ async def test_the_load_generator_measures_a_real_server() -> None:
     assert load.cpu["server_pct"] > 0
     assert [status for status, _ in answers] == [202] * 20
     assert seconds > 0
+
+
+def test_children_get_the_loop_and_parser_app_serve_would_pick() -> None:
+    """uvloop and httptools are chosen exactly when they are importable, as app.serve does."""
+    found = bench._fast_modules()
+    options = bench.uvicorn_fast_options()
+    assert ("loop" in options) == found["uvloop"]
+    assert ("http" in options) == found["httptools"]
+    assert set(options.values()) <= {"uvloop", "httptools"}
