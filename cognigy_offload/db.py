@@ -62,6 +62,11 @@ def _runtime_dir() -> str:
     return str(path)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release: asyncpg has already rolled back any open transaction; skip its
+    RESET ALL / UNLISTEN / CLOSE ALL round trip, as this service sets no session state."""
+
+
 async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
     """An asyncpg pool whose connections carry the statement timeout; refuses at once if down."""
     try:
@@ -75,6 +80,7 @@ async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
                 "statement_timeout": str(config.statement_timeout_ms),
                 "application_name": "cognigy-offload",
             },
+            reset=_keep_session,
         )
     except UNAVAILABLE_ERRORS as exc:
         raise StoreUnavailable(f"PostgreSQL does not answer: {describe(exc)}") from exc

@@ -56,6 +56,10 @@ SUPPORTED_TYPES = TEXT_TYPES | frozenset(
 )
 
 
+RECENT_S = 60.0  # how long a run's result may serve jobs accepted before it started
+RECENT_MAX = 10_000
+
+
 class ParamError(Exception):
     """A webhook variable cannot be bound to its query parameter; says why."""
 
@@ -399,13 +403,21 @@ class Executor:
         self._pool = pool
         self._flights: dict[tuple[str, bytes], _Flight] = {}
         self._cache: dict[tuple[str, bytes], tuple[float, dict[str, Any]]] = {}
+        # Insertion-ordered: the first entry is the oldest run.
+        self._recent: dict[tuple[str, bytes], tuple[float, dict[str, Any]]] = {}
         self._on_run = on_run
         self._on_shared = on_shared
         self._clock = clock
         self.runs = 0
 
-    async def run(self, query: Query, args: list[Any]) -> dict[str, Any]:
-        """The result of ``query`` with ``args``, running it at most once at a time."""
+    async def run(
+        self, query: Query, args: list[Any], *, accepted_at_s: float | None = None
+    ) -> dict[str, Any]:
+        """The result of ``query`` with ``args``, running it at most once at a time.
+
+        A job accepted at ``accepted_at_s`` (Unix seconds) also takes the result of a run
+        that *started* after that moment: it is as fresh as a run of its own would be.
+        """
         key = (query.name, ENCODER.encode([str(a) if not isinstance(a, str) else a for a in args]))
         cached = self._cache.get(key)
         if cached is not None:
@@ -413,6 +425,11 @@ class Executor:
                 self._shared(query, "cache")
                 return cached[1]
             del self._cache[key]
+        if accepted_at_s is not None:
+            recent = self._recent.get(key)
+            if recent is not None and recent[0] >= accepted_at_s:
+                self._shared(query, "fresh")
+                return recent[1]
         flight = self._flights.get(key)
         if flight is not None:
             self._shared(query, "coalesced")
@@ -422,8 +439,10 @@ class Executor:
             assert flight.result is not None
             return flight.result
         flight = self._flights[key] = _Flight()
+        started_s = time.time()
         try:
             flight.result = await self._execute(query, args)
+            self._remember(key, started_s, flight.result)
             if query.cache_ttl_s > 0:
                 self._prune_cache()
                 self._cache[key] = (self._clock() + query.cache_ttl_s, flight.result)
@@ -434,6 +453,17 @@ class Executor:
         finally:
             del self._flights[key]
             flight.done.set()
+
+    def _remember(self, key: tuple[str, bytes], started_s: float, result: dict[str, Any]) -> None:
+        """Keep the latest run's result per question for RECENT_S (bounded, oldest out)."""
+        self._recent.pop(key, None)
+        self._recent[key] = (started_s, result)
+        horizon_s = started_s - RECENT_S
+        while self._recent:
+            oldest_key, (oldest_s, _) = next(iter(self._recent.items()))
+            if oldest_s >= horizon_s and len(self._recent) <= RECENT_MAX:
+                break
+            del self._recent[oldest_key]
 
     def _shared(self, query: Query, how: str) -> None:
         if self._on_shared is not None:

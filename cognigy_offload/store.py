@@ -334,29 +334,28 @@ class Store:
         return result_at
 
     async def record_attempt(self, job: Job) -> None:
-        """Count a delivery attempt before it is sent, and extend the lease."""
+        """Write the job's delivery attempt count (a retry is about to be sent)."""
         await self._fenced(
             f"""
-            UPDATE {TABLE} SET attempts_delivery = attempts_delivery + 1,
-                locked_until = clock_timestamp() + make_interval(secs => $3),
-                updated_at = clock_timestamp()
+            UPDATE {TABLE} SET attempts_delivery = $3, updated_at = clock_timestamp()
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
-            self.lease_s,
+            job.attempts_delivery,
         )
 
     async def finish(self, job: Job, status: str, error: JobError | None = None) -> None:
-        """Set a final state and give up the lease."""
+        """Set a final state with the attempt count, and give up the lease."""
         await self._fenced(
             f"""
-            UPDATE {TABLE} SET status = $3, error = $4::json, locked_by = NULL,
-                locked_until = NULL, updated_at = clock_timestamp()
+            UPDATE {TABLE} SET status = $3, error = $4::json, attempts_delivery = $5,
+                locked_by = NULL, locked_until = NULL, updated_at = clock_timestamp()
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
             status,
             ENCODER.encode(error).decode() if error is not None else None,
+            job.attempts_delivery,
         )
 
     async def release(self, job: Job, *, delay_s: float = 0.0) -> None:
@@ -366,11 +365,12 @@ class Store:
             UPDATE {TABLE} SET
                 status = CASE WHEN result IS NULL THEN 'queued' ELSE 'delivering' END,
                 locked_by = NULL, locked_until = clock_timestamp() + make_interval(secs => $3),
-                updated_at = clock_timestamp()
+                attempts_delivery = $4, updated_at = clock_timestamp()
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
             delay_s,
+            job.attempts_delivery,
         )
 
     async def release_unstarted(self, job_ids: list[uuid.UUID]) -> int:
