@@ -7,6 +7,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 
 _LEVELS = {
@@ -37,6 +38,14 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+_ENCODER = msgspec.json.Encoder(enc_hook=str, decimal_format="number")
+
+
+def _to_json(event: Any, **_: Any) -> str:
+    """JSON-encode a log line with msgspec: several times faster than json.dumps."""
+    return _ENCODER.encode(event).decode()
+
+
 def configure(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog for the process (called once by the CLI, never by the library)."""
     renderer: Any
@@ -44,7 +53,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_to_json)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
