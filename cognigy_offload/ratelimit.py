@@ -12,6 +12,7 @@ fake clock, and both take a deadline (on the same clock) past which nobody waits
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._metrics = metrics
-        self._log: list[_Entry] = []
+        self._log: deque[_Entry] = deque()
         self._paused_until = float("-inf")
         # FIFO: only the head waiter sleeps; everyone behind it queues on the lock, so
         # slots are handed out in arrival order and nobody is starved.
@@ -135,17 +136,31 @@ class RateLimiter:
                         await pending.done.wait()
                         continue
                     wake_s = min(finished) + self.window_s
+                    if wake_s <= now:
+                        # An expired entry may sit behind an in-flight head: drop all
+                        # expired ones (a full scan, only here at the limit).
+                        before = len(self._log)
+                        self._log = deque(e for e in self._log if not self._expired(e, now))
+                        if len(self._log) < before:
+                            continue
                 if deadline_s is not None and wake_s > deadline_s:
                     raise DeadlineExceeded(
                         "the rate limit would hold the request past the job's deadline"
                     )
                 slept = True
-                await self._sleep(wake_s - now)
+                # Never a zero sleep: float rounding must not turn this into a busy loop.
+                await self._sleep(max(wake_s - now, 1e-6))
 
     def _prune(self, now: float) -> None:
-        cutoff = now - self.window_s
-        if any(e.done_at is not None and e.done_at <= cutoff for e in self._log):
-            self._log = [e for e in self._log if e.done_at is None or e.done_at > cutoff]
+        # O(expired), not O(window) per request: entries are in send order, so expired
+        # ones are mostly at the head. One stuck behind an in-flight head only makes the
+        # count stricter; at the limit, _acquire scans the whole log once.
+        log = self._log
+        while log and self._expired(log[0], now):
+            log.popleft()
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        return entry.done_at is not None and entry.done_at <= now - self.window_s
 
     def _release(self, entry: _Entry, *, sent: bool) -> None:
         if entry.done_at is not None:
@@ -153,7 +168,7 @@ class RateLimiter:
         if sent:
             entry.done_at = self._clock()
         else:
-            self._log = [e for e in self._log if e is not entry]
+            self._log.remove(entry)
             entry.done_at = float("-inf")
         if entry.done is not None:
             entry.done.set()
