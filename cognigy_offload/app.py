@@ -170,9 +170,9 @@ async def run_service(
                 catalog=catalog,
                 waiters=waiters,
                 metrics=metrics,
+                executor=executor,
                 breaker_state=lambda: deliverer.breaker.state,
             )
-            service.workers = workers  # type: ignore[attr-defined]
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.run_committer)
                 await workers.sweep(startup=True)

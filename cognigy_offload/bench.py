@@ -47,7 +47,7 @@ import anyio
 import asyncpg
 import msgspec
 
-from .config import ENV_PREFIX, Config, parse_config
+from .config import ENV_PREFIX, Config, dump_toml, parse_config
 
 BENCH_DATA_DIR = ".cognigy_offload/bench-pg"
 DEMO_ROWS = 1_000_000
@@ -562,22 +562,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A minimal TOML writer for config dicts (strings, numbers, bools, lists, tables)."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((f"{prefix}{key}", value))
-        else:
-            # JSON strings, numbers, booleans and arrays are valid TOML values.
-            lines.append(f"{key} = {json.dumps(value)}")
-    text = "\n".join(lines) + ("\n" if lines else "")
-    for name, table in tables:
-        text += f"\n[{name}]\n" + to_toml(table, f"{name}.")
-    return text
-
-
 def service_config(port: int, sim_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
     """The bench service's config: defaults, the stand-in, the bench queries, overrides."""
     data: dict[str, Any] = msgspec.to_builtins(Config())
@@ -641,7 +625,7 @@ async def run_child(
     port = free_port() if config is None else int(config["server"]["port"])
     name = f"{kind}-{port}"
     config_path = env.workdir / f"{name}.toml"
-    config_path.write_text(to_toml(config or {}))
+    config_path.write_text(dump_toml(config or {}))
     log_path = env.workdir / f"{name}.log"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("COGNIGY_OFFLOAD")}
     child_env.update(
@@ -1522,7 +1506,7 @@ class _WithStats:
         body = msgspec.json.encode(
             {
                 "batches": service.store.batches,
-                "runs": service.workers.executor.runs,
+                "runs": service.executor.runs,
                 "queue_depth": service.queue.depth,
                 "accepted": int(accepted or 0),
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -311,3 +312,20 @@ def check_delivery_secrets(config: Config, secrets: Secrets) -> list[str]:
     if auth.kind == "api_key" and not secrets.api_key:
         return [f"cognigy.auth.api_key_env: ${auth.api_key_env} is empty"]
     return []
+
+
+def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Write a config dict as TOML (strings, numbers, booleans, lists, tables), for the
+    config files the tests, the demo and the bench hand to child processes."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append((f"{prefix}{key}", value))
+        else:
+            # JSON strings, numbers, booleans and arrays are valid TOML values.
+            lines.append(f"{key} = {json.dumps(value)}")
+    text = "\n".join(lines) + ("\n" if lines else "")
+    for name, table in tables:
+        text += f"\n[{name}]\n" + dump_toml(table, f"{name}.")
+    return text

@@ -9,7 +9,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,7 +26,7 @@ from .inline import InlineWaiters
 from .jobqueue import JobQueue, QueueFull
 from .metrics import Metrics
 from .models import ENCODER, WEBHOOK_DECODER, Accepted, ErrorBody, Target
-from .queries import Catalog
+from .queries import Catalog, Executor
 from .store import NewJob, Store, digest
 
 log = structlog.get_logger("cognigy_offload.web")
@@ -58,9 +58,9 @@ class Service:
     catalog: Catalog
     waiters: InlineWaiters
     metrics: Metrics
+    executor: Executor
     breaker_state: Callable[[], str] = lambda: "closed"
     draining: bool = False
-    extra_ready_checks: list[Callable[[], str | None]] = field(default_factory=list)
 
 
 def error_response(
@@ -373,7 +373,6 @@ async def readyz(request: Request) -> Response:
             await service.store.ping()
     except (StoreError, TimeoutError):
         problems.append("database: PostgreSQL does not answer")
-    problems.extend(p for check in service.extra_ready_checks if (p := check()) is not None)
     detail = {
         "status": "ready" if not problems else "not_ready",
         "problems": problems,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from cognigy_offload.app import build_app
-from cognigy_offload.config import Config, Secrets, parse_config
+from cognigy_offload.config import Config, Secrets, dump_toml, parse_config
 from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import SimState, run_sim
 from cognigy_offload.web import Service
@@ -207,7 +207,7 @@ def process_factory(
         data["server"]["port"] = port or free_port()
         data["server"]["log_format"] = "json"
         path = tmp_path / f"config-{len(made)}.toml"
-        path.write_text(to_toml(data))
+        path.write_text(dump_toml(data))
         env = {k: v for k, v in os.environ.items() if not k.startswith("COGNIGY_OFFLOAD")}
         env.update(
             COGNIGY_OFFLOAD_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
@@ -223,20 +223,3 @@ def process_factory(
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(10)
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A minimal TOML writer for the config dict (strings, numbers, bools, lists, tables)."""
-    import json
-
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((f"{prefix}{key}", value))
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    out = "\n".join(lines) + "\n"
-    for name, table in tables:
-        out += f"\n[{name}]\n" + to_toml(table, f"{name}.")
-    return out

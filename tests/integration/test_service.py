@@ -19,9 +19,10 @@ import asyncpg
 import httpx
 import pytest
 
+from cognigy_offload.config import dump_toml
 from cognigy_offload.sim import Fault, SimState
 from tests.conftest import ROOT
-from tests.integration.conftest import AUTH, Process, body, to_toml
+from tests.integration.conftest import AUTH, Process, body
 
 pytestmark = pytest.mark.anyio
 
@@ -358,7 +359,7 @@ async def test_serve_with_empty_dsn_starts_an_embedded_postgres(
     # A brand-new server has no demo table: serve a query that needs none.
     data = tomllib.loads(process.config_path.read_text())
     data["queries"] = {"now": {"sql": "SELECT now() AS now, $1::text AS s", "params": ["s"]}}
-    process.config_path.write_text(to_toml(data))
+    process.config_path.write_text(dump_toml(data))
     await process.start()
     try:
         assert (tmp_path / "pg" / "PG_VERSION").exists()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cognigy_offload import bench
-from cognigy_offload.config import parse_config
+from cognigy_offload.config import dump_toml, parse_config
 from cognigy_offload.errors import ConfigError
 from cognigy_offload.queries import Catalog, Query
 from cognigy_offload.serving import run_uvicorn
@@ -121,7 +121,7 @@ class TestConfig:
     def test_the_service_config_survives_toml_and_validation(self) -> None:
         """The written config file reads back as the same valid config, queries included."""
         data = bench.service_config(8123, "http://127.0.0.1:9", queue={"capacity": 5})
-        text = bench.to_toml(data)
+        text = dump_toml(data)
         parsed = parse_config(tomllib.loads(text))
         assert parsed.queue.capacity == 5
         assert parsed.queue.group_commit_ms == 0
