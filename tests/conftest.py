@@ -28,6 +28,20 @@ TEMPLATE = "offload_template"
 TEMPLATE_ROWS = 20_000
 _counter = itertools.count()
 
+# The SPEC's sample webhook body.
+SAMPLE_BODY: dict[str, Any] = {
+    "conversationId": "conv_8f4a2c1d",
+    "userId": "usr_9b3e7f2a",
+    "sessionId": "sess_41c7",
+    "URLToken": "a1b2c3",
+    "query": "revenue",
+    "variables": {
+        "customer_segment": "enterprise",
+        "date_range": "2024-01-01_to_2024-12-31",
+        "aggregation_type": "revenue",
+    },
+}
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:

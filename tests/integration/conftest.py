@@ -25,24 +25,13 @@ from cognigy_offload.config import Config, Secrets, dump_toml, parse_config
 from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import SimState, run_sim
 from cognigy_offload.web import Service
-from tests.conftest import ROOT, merge, shipped_data
+from tests.conftest import ROOT, SAMPLE_BODY, merge, shipped_data
 
 WEBHOOK_TOKEN = "test-webhook-token-0123456789"
 CLIENT_SECRET = "test-client-secret-abcdef"
 AUTH = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
 
-BODY: dict[str, Any] = {
-    "conversationId": "conv_8f4a2c1d",
-    "userId": "usr_9b3e7f2a",
-    "sessionId": "sess_41c7",
-    "URLToken": "a1b2c3",
-    "query": "revenue",
-    "variables": {
-        "customer_segment": "enterprise",
-        "date_range": "2024-01-01_to_2024-12-31",
-        "aggregation_type": "revenue",
-    },
-}
+BODY = SAMPLE_BODY
 
 
 def body(**changes: Any) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from cognigy_offload.app import build_app
 from cognigy_offload.config import parse_config
 from cognigy_offload.sim import SimState
 from cognigy_offload.store import TABLE
+from tests.conftest import SAMPLE_BODY
 from tests.integration.conftest import SECRETS, WEBHOOK_TOKEN, config_data
 
 pytestmark = pytest.mark.anyio
@@ -55,18 +56,7 @@ FINAL = {"delivered", "answered", "failed", "expired"}
 # interesting values: 10,000 requests fit in the time budget, and shrinking still moves
 # every choice to the first entry of its pool.
 
-SAMPLE: dict[str, Any] = {
-    "conversationId": "conv_8f4a2c1d",
-    "userId": "usr_9b3e7f2a",
-    "sessionId": "sess_41c7",
-    "URLToken": "a1b2c3",
-    "query": "revenue",
-    "variables": {
-        "customer_segment": "enterprise",
-        "date_range": "2024-01-01_to_2024-12-31",
-        "aggregation_type": "revenue",
-    },
-}
+SAMPLE = SAMPLE_BODY
 HOSTILE = [
     "enterprise' OR '1'='1",
     "'; DROP TABLE transactions; --",

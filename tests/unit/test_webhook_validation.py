@@ -20,19 +20,9 @@ from cognigy_offload.errors import RequestError
 from cognigy_offload.models import WebhookRequest
 from cognigy_offload.queries import MAX_TEXT_CHARS, Catalog, ParamError, Query, _coerce
 from cognigy_offload.web import decode_webhook, read_body
+from tests.conftest import SAMPLE_BODY
 
-VALID: dict[str, Any] = {
-    "conversationId": "conv_8f4a2c1d",
-    "userId": "usr_9b3e7f2a",
-    "sessionId": "sess_41c7",
-    "URLToken": "a1b2c3",
-    "query": "revenue",
-    "variables": {
-        "customer_segment": "enterprise",
-        "date_range": "2024-01-01_to_2024-12-31",
-        "aggregation_type": "revenue",
-    },
-}
+VALID = SAMPLE_BODY
 
 
 def encode(**changes: Any) -> bytes:
