@@ -277,6 +277,9 @@ def serve(config: Config, secrets: Secrets) -> None:
         gc.freeze()
         gc.set_threshold(20_000, 20, 100)
 
+    # Bind before the lifespan runs: a second copy started on a port that is in use must
+    # stop here, before its start-up recovery takes over the running copy's jobs.
+    listener = bind_listener(config.server.host, config.server.port)
     app = build_app(config, secrets, on_ready=ready)
     server = _Server(
         uvicorn.Config(
@@ -292,6 +295,26 @@ def serve(config: Config, secrets: Secrets) -> None:
         ),
         holder,
     )
-    server.run()
+    server.run(sockets=[listener])
     if not server.started:
         raise SystemExit(3)
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, or a ConfigError naming server.port if it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            [
+                f"server.port: cannot listen on {host}:{port}: {exc.strerror} "
+                "(is another copy of the service running?)"
+            ]
+        ) from exc
+    listener.set_inheritable(True)
+    return listener

@@ -495,6 +495,43 @@ class TestSeveralInstances:
         assert set(delivered) == set(ids)
         assert set(delivered.values()) == {1}, "a job was delivered twice"
 
+    async def test_a_second_copy_on_a_busy_port_stops_before_touching_jobs(
+        self, process_factory: Any, sim: tuple[SimState, str], database: str
+    ) -> None:
+        """Starting the service twice on one port: the second copy exits (code 2, naming
+        server.port) before its start-up recovery, so the running copy's jobs are delivered
+        once each."""
+        state, _ = sim
+        state.slowness_s = 0.5
+        a: Process = process_factory()
+        await a.start()
+        try:
+            ids = await post_many(a.url, [body() for _ in range(4)])
+            twin: Process = process_factory(port=a.port)
+            result = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cognigy_offload",
+                        "serve",
+                        "--config",
+                        str(twin.config_path),
+                    ],
+                    env=twin.env,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            )
+            assert result.returncode == 2, result.stderr
+            assert "server.port" in result.stderr and "jobs.recovered" not in result.stderr
+            await wait_all_final(database, 4)
+        finally:
+            assert await a.terminate() == 0
+        assert deliveries_per_task(state) == dict.fromkeys(ids, 1)
+
     async def test_jobs_of_a_killed_instance_are_taken_over(
         self, process_factory: Any, sim: tuple[SimState, str], database: str
     ) -> None:
