@@ -25,7 +25,7 @@ from .errors import RequestError, StoreError, StoreUnavailable
 from .inline import InlineWaiters
 from .jobqueue import JobQueue, QueueFull
 from .metrics import Metrics
-from .models import ENCODER, WEBHOOK_DECODER, Accepted, ErrorBody, Target
+from .models import ENCODER, EXACT_DECODER, WEBHOOK_DECODER, Accepted, ErrorBody, Target
 from .queries import Catalog, Executor
 from .store import NewJob, Store, digest
 
@@ -169,6 +169,12 @@ def decode_webhook(body: bytes) -> Any:
         raise RequestError(400, "invalid_json", f"The body is not valid JSON: {exc}.") from None
 
 
+def _canonical(body: bytes) -> bytes:
+    """The body with keys sorted and whitespace dropped: the same JSON sent pretty-printed
+    or with keys reordered is the same body for an Idempotency-Key (exact numbers kept)."""
+    return msgspec.json.encode(EXACT_DECODER.decode(body), order="sorted")
+
+
 def _check_content_type(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json" and not (
@@ -257,7 +263,7 @@ async def _accept(request: Request, service: Service) -> Response:
         variables=ENCODER.encode(payload.variables),
         target=target,
         idempotency_key=key,
-        digest=digest(body) if key is not None else None,
+        digest=digest(_canonical(body)) if key is not None else None,
     )
     try:
         # A database that hangs (not refuses) must still give a quick 503, not a hang.

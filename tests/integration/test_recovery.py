@@ -7,6 +7,7 @@ Real child processes against a real PostgreSQL and the stand-in on loopback.
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -310,6 +311,21 @@ class TestIdempotency:
             assert late.json()["taskId"] == first.json()["taskId"]
         assert sum((await statuses(database)).values()) == 1
         assert len(state.delivered()) == 1
+
+    async def test_the_same_json_formatted_differently_is_the_same_body(
+        self, service_factory: Any
+    ) -> None:
+        """Pretty-printed, with keys reordered: still the same body for the key (200)."""
+        async with service_factory() as svc:
+            first = await svc.post(headers={"Idempotency-Key": "k-fmt"})
+            pretty = json.dumps(dict(reversed(list(body().items()))), indent=2)
+            again = await svc.client.post(
+                "/webhook/cognigy-trigger",
+                content=pretty,
+                headers={"Idempotency-Key": "k-fmt", "Content-Type": "application/json"},
+            )
+        assert again.status_code == 200, again.text
+        assert again.json()["taskId"] == first.json()["taskId"]
 
     async def test_same_key_other_body_is_a_409(self, service_factory: Any) -> None:
         """The same key with a different body is a conflict."""
