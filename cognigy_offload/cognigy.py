@@ -234,6 +234,14 @@ class Deliverer:
                 outbound, auth, deadline_s, deadline_wall_s, attempt, on_attempt
             )
             if isinstance(outcome, TokenError):
+                log.info(
+                    "delivery.attempt_failed",
+                    task_id=task_id,
+                    attempt=attempt,
+                    http_status=outcome.http_status,
+                    action="token",
+                    detail=outcome.detail,
+                )
                 if outcome.kind != "token_unavailable" or attempt >= config.max_attempts:
                     raise outcome
                 await self._backoff(attempt, deadline_wall_s, task_id, outcome.detail)
