@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 Status = Literal["queued", "running", "delivering", "delivered", "answered", "failed", "expired"]
-FINAL_STATUSES: frozenset[str] = frozenset({"delivered", "answered", "failed", "expired"})
 Mode = Literal["context", "inject", "notify", "variables"]
 
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
