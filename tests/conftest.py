@@ -21,6 +21,8 @@ import asyncpg
 import pytest
 
 from cognigy_offload.db import EmbeddedPostgres
+from cognigy_offload.models import Target
+from cognigy_offload.queries import Query
 from cognigy_offload.seed import ensure_transactions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +127,27 @@ def merge(data: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[str
 def shipped_data(**sections: dict[str, Any]) -> dict[str, Any]:
     """The shipped config.toml as a dict, with some keys replaced (see merge)."""
     return merge(tomllib.loads((ROOT / "config.toml").read_text()), sections)
+
+
+# The revenue query of the shipped config, as the catalog sees it (for unit tests).
+REVENUE_QUERY = Query(
+    name="revenue",
+    sql="SELECT ...",
+    params=("customer_segment", "date_range.start", "date_range.end"),
+    pg_types=("text", "timestamptz", "timestamptz"),
+    columns=("count", "total"),
+    cache_ttl_s=0,
+)
+
+
+def target(mode: str = "context", **changes: Any) -> Target:
+    """Where the sample webhook's result goes in ``mode``, with some fields replaced."""
+    fields: dict[str, Any] = {
+        "mode": mode,
+        "userId": "usr_9b3e7f2a",
+        "sessionId": "sess_41c7",
+        "conversationId": "conv_8f4a2c1d",
+        "URLToken": "a1b2c3",
+    }
+    fields.update(changes)
+    return Target(**fields)

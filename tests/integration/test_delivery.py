@@ -19,6 +19,7 @@ from cognigy_offload.errors import DeadlineExceeded, DeliveryError, LeaseLost
 from cognigy_offload.metrics import Metrics
 from cognigy_offload.models import Target
 from cognigy_offload.sim import Fault, SimState, run_sim
+from tests.conftest import target
 
 pytestmark = pytest.mark.anyio
 
@@ -113,18 +114,6 @@ def make_deliverer(stand_in: tuple[SimState, str], client: httpx.AsyncClient) ->
         )
 
     return make
-
-
-def target(mode: str = "context", **changes: Any) -> Target:
-    fields: dict[str, Any] = {
-        "mode": mode,
-        "userId": "usr_9b3e7f2a",
-        "sessionId": "sess_41c7",
-        "conversationId": "conv_8f4a2c1d",
-        "URLToken": "a1b2c3",
-    }
-    fields.update(changes)
-    return Target(**fields)
 
 
 def deliver(

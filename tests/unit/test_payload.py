@@ -13,7 +13,8 @@ import pytest
 from cognigy_offload.cognigy import build_request
 from cognigy_offload.config import CognigyConfig
 from cognigy_offload.errors import DeliveryError
-from cognigy_offload.models import EXACT_DECODER, Target
+from cognigy_offload.models import EXACT_DECODER
+from tests.conftest import target
 
 API = "https://api.example.test"
 ENDPOINT = "https://endpoint.example.test/"
@@ -24,18 +25,6 @@ RESULT: dict[str, Any] = {"count": 100000, "total": Decimal("7499925000.00")}
 
 def config(**changes: Any) -> CognigyConfig:
     return CognigyConfig(api_url=API, endpoint_url=ENDPOINT, **changes)
-
-
-def target(mode: str, **changes: Any) -> Target:
-    fields: dict[str, Any] = {
-        "mode": mode,
-        "userId": "usr_9b3e7f2a",
-        "sessionId": "sess_41c7",
-        "conversationId": "conv_8f4a2c1d",
-        "URLToken": "a1b2c3",
-    }
-    fields.update(changes)
-    return Target(**fields)
 
 
 def decode(body: bytes) -> Any:

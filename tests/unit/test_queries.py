@@ -10,15 +10,9 @@ import pytest
 
 from cognigy_offload.errors import RequestError
 from cognigy_offload.queries import Catalog, Query, lookup, rows_to_result
+from tests.conftest import REVENUE_QUERY
 
-REVENUE = Query(
-    name="revenue",
-    sql="SELECT ...",
-    params=("customer_segment", "date_range.start", "date_range.end"),
-    pg_types=("text", "timestamptz", "timestamptz"),
-    columns=("count", "total"),
-    cache_ttl_s=0,
-)
+REVENUE = REVENUE_QUERY
 TYPED = Query(
     name="typed",
     sql="SELECT ...",

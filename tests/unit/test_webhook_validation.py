@@ -20,7 +20,7 @@ from cognigy_offload.errors import RequestError
 from cognigy_offload.models import WebhookRequest
 from cognigy_offload.queries import MAX_TEXT_CHARS, Catalog, ParamError, Query, _coerce
 from cognigy_offload.web import decode_webhook, read_body
-from tests.conftest import SAMPLE_BODY
+from tests.conftest import REVENUE_QUERY, SAMPLE_BODY
 
 VALID = SAMPLE_BODY
 
@@ -150,14 +150,7 @@ class TestDecodeWebhook:
         assert payload.variables["s"] == "a\x00b"
 
 
-REVENUE = Query(
-    name="revenue",
-    sql="SELECT ...",
-    params=("customer_segment", "date_range.start", "date_range.end"),
-    pg_types=("text", "timestamptz", "timestamptz"),
-    columns=("count", "total"),
-    cache_ttl_s=0,
-)
+REVENUE = REVENUE_QUERY
 TYPED = Query(
     name="typed",
     sql="SELECT ...",
