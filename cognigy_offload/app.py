@@ -77,7 +77,7 @@ def build_app(
             yield {"service": service}
 
     routes = [
-        Route("/webhook/cognigy-trigger", web.webhook, methods=["POST"]),
+        Route(web.WEBHOOK_PATH, web.webhook_endpoint, methods=["POST"]),
         Route("/tasks/{task_id}", web.task, methods=["GET"]),
         Route("/healthz", web.healthz, methods=["GET"]),
         Route("/readyz", web.readyz, methods=["GET"]),
@@ -86,7 +86,7 @@ def build_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(web.WebhookAuth, tokens=secrets.webhook_tokens, metrics=metrics)],
+        middleware=[Middleware(web.Front, tokens=secrets.webhook_tokens, metrics=metrics)],
         exception_handlers={HTTPException: web.http_error, Exception: web.internal_error},
         lifespan=lifespan,
     )
@@ -180,6 +180,7 @@ async def run_service(
                     for _ in range(config.queue.workers):
                         pool_tg.start_soon(workers.run_worker)
                     tg.start_soon(workers.run_sweeper)
+                    tg.start_soon(workers.run_marker)
                     log.info(
                         "service.started",
                         instance=instance_id,

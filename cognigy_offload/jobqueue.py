@@ -11,6 +11,12 @@ import uuid
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .models import Job
+
+# A job id, with the job itself when it was accepted here a moment ago (the worker then
+# needs no claim to read it back: the row is held by this instance at epoch 0).
+Ticket = tuple[uuid.UUID, Job | None]
+
 
 class QueueFull(Exception):
     """Raised by reserve() when every slot is taken by accepted jobs not yet started."""
@@ -21,9 +27,9 @@ class JobQueue:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._send: MemoryObjectSendStream[uuid.UUID]
-        self._receive: MemoryObjectReceiveStream[uuid.UUID]
-        self._send, self._receive = anyio.create_memory_object_stream[uuid.UUID](capacity)
+        self._send: MemoryObjectSendStream[Ticket]
+        self._receive: MemoryObjectReceiveStream[Ticket]
+        self._send, self._receive = anyio.create_memory_object_stream[Ticket](capacity)
         self._reserved = 0
         self._waiting: set[uuid.UUID] = set()
         self.closed = False
@@ -52,23 +58,24 @@ class JobQueue:
         """Give back a reserved slot (the job was not stored)."""
         self._reserved -= 1
 
-    def push(self, job_id: uuid.UUID) -> None:
+    def push(self, job_id: uuid.UUID, job: Job | None = None) -> None:
         """Put a stored job into its reserved slot."""
         self._reserved -= 1
-        self.put(job_id)
+        self.put(job_id, job)
 
-    def put(self, job_id: uuid.UUID) -> None:
+    def put(self, job_id: uuid.UUID, job: Job | None = None) -> None:
         """Put a job into a free slot (recovered jobs); never blocks."""
         if job_id in self._waiting:
             return
-        self._send.send_nowait(job_id)
+        self._send.send_nowait((job_id, job))
         self._waiting.add(job_id)
 
-    async def get(self) -> uuid.UUID:
-        """The next job id; raises anyio.EndOfStream once closed and drained."""
-        job_id = await self._receive.receive()
-        self._waiting.discard(job_id)
-        return job_id
+    async def get(self) -> Ticket:
+        """The next job id (and job, if fresh from the webhook); raises anyio.EndOfStream
+        once closed and drained."""
+        ticket = await self._receive.receive()
+        self._waiting.discard(ticket[0])
+        return ticket
 
     def close(self) -> list[uuid.UUID]:
         """Stop handing out jobs; returns the ids that were never started."""

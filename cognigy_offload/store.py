@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import math
+import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ from .models import (
 
 TABLE = "cognigy_offload_jobs"
 ACTIVE = ("queued", "running", "delivering")
+WATCHDOG_TICK_S = 0.05
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -72,8 +76,15 @@ SELECT i.id, i.key, i.digest, 'queued', i.query, i.variables::json, i.target::js
 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $9::text[])
      AS i(id, key, digest, query, variables, target)
 ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING id
+RETURNING id, created_at, deadline_at
 """
+
+# Joined into the worker's own writes: their commit does not wait for the WAL flush. Only
+# acceptance must survive a PostgreSQL crash at once (202 means committed); losing the
+# last few hundred milliseconds of a worker's progress repeats a query or a delivery,
+# which the lease recovery does anyway. set_config(..., true) lasts until the statement's
+# own commit, which is when synchronous_commit is read.
+_ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,12 @@ class NewJob:
 
 @dataclass(frozen=True)
 class Inserted:
-    """What storing a webhook gave: its task id and whether it is a new job."""
+    """What storing a webhook gave: its task id, whether it is a new job, and the new job
+    as the worker will find it (queued, held by this instance at epoch 0)."""
 
     id: uuid.UUID
     created: bool
+    job: Job | None = None
 
 
 def digest(body: bytes) -> bytes:
@@ -125,9 +138,23 @@ def _row_to_job(row: asyncpg.Record) -> Job:
 class _Pending:
     job: NewJob
     done: anyio.Event
+    expires_at: float = math.inf
     result: Inserted | None = None
     error: BaseException | None = None
     abandoned: bool = False
+
+
+def _new_job(job: NewJob, row: asyncpg.Record) -> Job:
+    return Job(
+        id=job.id,
+        status="queued",
+        query=job.query,
+        variables=EXACT_DECODER.decode(job.variables),
+        target=job.target,
+        created_at=row["created_at"],
+        updated_at=row["created_at"],
+        deadline_at=row["deadline_at"],
+    )
 
 
 class Store:
@@ -148,6 +175,7 @@ class Store:
         self.deadline_s = deadline_s
         self.group_commit_s = group_commit_s
         self._pending: list[_Pending] = []
+        self._in_flight: list[_Pending] = []
         self._wake = anyio.Event()
         self.batches = 0
 
@@ -158,13 +186,17 @@ class Store:
 
     # -- accepting ----------------------------------------------------------------------
 
-    async def insert(self, job: NewJob) -> Inserted:
+    async def insert(self, job: NewJob, *, wait_s: float | None = None) -> Inserted:
         """Commit a new job (group commit: concurrent callers share one INSERT).
 
         Returns only after the row is committed; the same idempotency key with the
-        same body gives the earlier job, with another body a 409.
+        same body gives the earlier job, with another body a 409. With ``wait_s``, a
+        database that does not answer in time raises StoreUnavailable (and a row that is
+        committed later anyway is deleted): the committer's watchdog keeps that clock,
+        not a timer per request.
         """
-        pending = _Pending(job, anyio.Event())
+        expires_at = time.monotonic() + wait_s if wait_s is not None else math.inf
+        pending = _Pending(job, anyio.Event(), expires_at)
         self._pending.append(pending)
         self._wake.set()
         try:
@@ -197,14 +229,36 @@ class Store:
 
     async def run_committer(self) -> None:
         """Flush pending inserts in batches until cancelled (one task per app)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watchdog)
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                if self.group_commit_s > 0:
+                    await anyio.sleep(self.group_commit_s)
+                batch, self._pending = self._pending, []
+                if batch:
+                    self._in_flight = batch
+                    try:
+                        await self._flush(batch)
+                    finally:
+                        self._in_flight = []
+
+    async def _watchdog(self) -> None:
+        """Answer callers whose ``wait_s`` ran out: the database hangs rather than refuses."""
         while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            if self.group_commit_s > 0:
-                await anyio.sleep(self.group_commit_s)
-            batch, self._pending = self._pending, []
-            if batch:
-                await self._flush(batch)
+            await anyio.sleep(WATCHDOG_TICK_S)
+            now = time.monotonic()
+            for pending in [*self._in_flight, *self._pending]:
+                if pending.expires_at <= now and not pending.done.is_set():
+                    if pending in self._pending:
+                        self._pending.remove(pending)  # never sent
+                    else:
+                        pending.abandoned = True  # in flight: deleted if it commits
+                    pending.error = StoreUnavailable(
+                        "PostgreSQL did not store the job in time; nothing was stored"
+                    )
+                    pending.done.set()
 
     async def _flush(self, batch: list[_Pending]) -> None:
         self.batches += 1
@@ -218,11 +272,12 @@ class Store:
                     try:
                         pending.result = await self._resolve(pending.job, inserted)
                     except RequestError as exc:  # one 409 must not refuse its batch mates
-                        pending.error = exc
+                        if not pending.done.is_set():
+                            pending.error = exc
         except Exception as exc:
             error = self._translate(exc)
             for pending in batch:
-                if pending.result is None:
+                if pending.result is None and not pending.done.is_set():
                     pending.error = error
         finally:
             for pending in batch:
@@ -236,7 +291,7 @@ class Store:
                 with anyio.CancelScope(shield=True):
                     await self._forget(forgotten)
 
-    async def _insert_rows(self, jobs: list[NewJob]) -> set[uuid.UUID]:
+    async def _insert_rows(self, jobs: list[NewJob]) -> dict[uuid.UUID, asyncpg.Record | None]:
         rows = await self._fetch(
             _INSERT,
             [j.id for j in jobs],
@@ -249,9 +304,9 @@ class Store:
             self.deadline_s,
             [ENCODER.encode(j.target).decode() for j in jobs],
         )
-        return {r["id"] for r in rows}
+        return {r["id"]: r for r in rows}
 
-    async def _in_doubt(self, jobs: list[NewJob]) -> set[uuid.UUID]:
+    async def _in_doubt(self, jobs: list[NewJob]) -> dict[uuid.UUID, asyncpg.Record | None]:
         """After the connection died during the INSERT, the commit may still have happened:
         look once, so a stored job is answered 202 rather than 503 (and not run unseen).
         Re-raises the original StoreUnavailable if none of the rows exists."""
@@ -266,14 +321,17 @@ class Store:
                 if attempt == 2:
                     raise
                 await anyio.sleep(0.05)
-        found = {r["id"] for r in rows}
+        found: dict[uuid.UUID, asyncpg.Record | None] = {r["id"]: None for r in rows}
         if not found:
             raise StoreUnavailable("PostgreSQL went away during the insert; nothing was stored")
         return found
 
-    async def _resolve(self, job: NewJob, inserted: set[uuid.UUID]) -> Inserted:
+    async def _resolve(
+        self, job: NewJob, inserted: dict[uuid.UUID, asyncpg.Record | None]
+    ) -> Inserted:
         if job.id in inserted:
-            return Inserted(job.id, created=True)
+            row = inserted[job.id]  # None when found after an in-doubt commit: claim it then
+            return Inserted(job.id, created=True, job=_new_job(job, row) if row else None)
         if job.idempotency_key is None:
             raise StoreUnavailable("the job was not stored")
         row = await self._fetchrow(
@@ -304,6 +362,7 @@ class Store:
                 attempts_query = attempts_query + CASE
                     WHEN result IS NULL AND deadline_at > clock_timestamp() THEN 1 ELSE 0 END,
                 updated_at = clock_timestamp()
+            FROM {_ASYNC_COMMIT}
             WHERE id = $1 AND locked_by = $2 AND status IN ('queued', 'running', 'delivering')
             RETURNING {_COLUMNS}
             """,
@@ -313,49 +372,63 @@ class Store:
         )
         return _row_to_job(row) if row is not None else None
 
-    async def save_result(
-        self, job: Job, result: dict[str, Any], *, answered: bool = False
-    ) -> dt.datetime:
-        """Checkpoint the query result so a retry never recomputes it."""
+    async def save_result(self, job: Job, *, answered: bool = False) -> dt.datetime:
+        """Checkpoint the job's result (``job.result``, ``job.result_at``) so a retry never
+        recomputes it; ``answered`` (given to an inline caller) is a final state."""
         status = "answered" if answered else "delivering"
         row = await self._fenced(
             f"""
-            UPDATE {TABLE} SET result = $3::json, result_at = clock_timestamp(), status = $4,
-                updated_at = clock_timestamp(),
-                locked_by = CASE WHEN $4 = 'answered' THEN NULL ELSE locked_by END,
-                locked_until = CASE WHEN $4 = 'answered' THEN NULL ELSE locked_until END
-            WHERE id = $1 AND lease_epoch = $2 RETURNING result_at
+            UPDATE {TABLE} SET result = $3::json, result_at = $4, status = $5,
+                attempts_query = $6, attempts_delivery = $7, updated_at = clock_timestamp(),
+                locked_by = CASE WHEN $5 = 'answered' THEN NULL ELSE locked_by END,
+                locked_until = CASE WHEN $5 = 'answered' THEN NULL ELSE locked_until END
+            FROM {_ASYNC_COMMIT}
+            WHERE id = $1 AND lease_epoch = $2 RETURNING updated_at
             """,
             job,
-            ENCODER.encode(result).decode(),
+            ENCODER.encode(job.result).decode(),
+            job.result_at,
             status,
+            job.attempts_query,
+            job.attempts_delivery,
         )
-        result_at: dt.datetime = row["result_at"]
-        return result_at
+        updated_at: dt.datetime = row["updated_at"]
+        return updated_at
 
     async def record_attempt(self, job: Job) -> None:
         """Write the job's delivery attempt count (a retry is about to be sent)."""
         await self._fenced(
             f"""
             UPDATE {TABLE} SET attempts_delivery = $3, updated_at = clock_timestamp()
+            FROM {_ASYNC_COMMIT}
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
             job.attempts_delivery,
         )
 
-    async def finish(self, job: Job, status: str, error: JobError | None = None) -> None:
-        """Set a final state with the attempt count, and give up the lease."""
+    async def finish(
+        self, job: Job, status: str, error: JobError | None = None, *, with_result: bool = False
+    ) -> None:
+        """Set a final state with the attempt counts, and give up the lease; ``with_result``
+        also writes the result that was delivered without a checkpoint first."""
+        result = ENCODER.encode(job.result).decode() if with_result else None
         await self._fenced(
             f"""
             UPDATE {TABLE} SET status = $3, error = $4::json, attempts_delivery = $5,
+                attempts_query = $6, result = coalesce($7::json, result),
+                result_at = coalesce($8, result_at),
                 locked_by = NULL, locked_until = NULL, updated_at = clock_timestamp()
+            FROM {_ASYNC_COMMIT}
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
             status,
             ENCODER.encode(error).decode() if error is not None else None,
             job.attempts_delivery,
+            job.attempts_query,
+            result,
+            job.result_at if with_result else None,
         )
 
     async def release(self, job: Job, *, delay_s: float = 0.0) -> None:
@@ -365,12 +438,13 @@ class Store:
             UPDATE {TABLE} SET
                 status = CASE WHEN result IS NULL THEN 'queued' ELSE 'delivering' END,
                 locked_by = NULL, locked_until = clock_timestamp() + make_interval(secs => $3),
-                attempts_delivery = $4, updated_at = clock_timestamp()
+                attempts_delivery = $4, attempts_query = $5, updated_at = clock_timestamp()
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
             job,
             delay_s,
             job.attempts_delivery,
+            job.attempts_query,
         )
 
     async def release_unstarted(self, job_ids: list[uuid.UUID]) -> int:
@@ -402,6 +476,22 @@ class Store:
             job_ids,
         )
         return int(result.split()[-1])
+
+    async def show_progress(self, progress: Mapping[uuid.UUID, str]) -> None:
+        """Write what workers are doing ('running' the query, 'delivering') with jobs taken
+        straight from the webhook, whose rows still say queued (a fast job never has to)."""
+        await self._execute(
+            f"""UPDATE {TABLE} t SET
+                    status = p.status, updated_at = clock_timestamp(),
+                    attempts_query = t.attempts_query
+                        + CASE WHEN t.status = 'queued' THEN 1 ELSE 0 END
+                FROM unnest($2::uuid[], $3::text[]) AS p(id, status), {_ASYNC_COMMIT}
+                WHERE t.id = p.id AND t.locked_by = $1 AND t.result IS NULL
+                  AND t.status IN ('queued', 'running') AND t.status <> p.status""",
+            self.instance_id,
+            list(progress),
+            list(progress.values()),
+        )
 
     async def take_over(self, limit: int, *, previous_prefix: str | None = None) -> list[uuid.UUID]:
         """Claim unheld jobs (lapsed lease, released, or held by an earlier run of this instance).

@@ -35,6 +35,8 @@ from .store import Store
 
 log = structlog.get_logger("cognigy_offload.worker")
 
+SHOW_AFTER_S = 0.25  # a job running longer than this is shown as running in its row
+SHOW_TICK_S = 0.1
 QUERY_FAILED_DETAIL = "The query failed; the service log has the cause under this taskId."
 
 
@@ -79,6 +81,9 @@ class Workers:
         self.instance_name = instance_name
         self.busy = 0
         self.active: set[uuid.UUID] = set()
+        # Jobs taken straight from the webhook whose rows do not show yet what the worker
+        # does: id -> ('running' | 'delivering', since when); see run_marker.
+        self.unshown: dict[uuid.UUID, tuple[str, float]] = {}
         self.idle = anyio.Event()
         self.idle.set()
 
@@ -88,7 +93,7 @@ class Workers:
         """Take jobs off the queue until it is closed."""
         while True:
             try:
-                job_id = await self.queue.get()
+                job_id, fresh = await self.queue.get()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
             self.busy += 1
@@ -96,35 +101,46 @@ class Workers:
                 self.idle = anyio.Event()
             self.active.add(job_id)
             try:
-                await self.process(job_id)
+                await self.process(job_id, fresh)
             finally:
                 self.active.discard(job_id)
+                self.unshown.pop(job_id, None)
                 self.busy -= 1
                 if self.busy == 0:
                     self.idle.set()
 
-    async def process(self, job_id: uuid.UUID) -> None:
-        """Carry one job as far as it goes; every outcome is written to its row."""
-        try:
-            job = await self.store.claim(job_id)
-        except StoreError as exc:
-            # Not held any more: its lease lapses and the sweep takes the job again.
-            log.warning("job.claim_failed", task_id=str(job_id), error=str(exc))
-            return
-        if job is None:
-            return  # another instance took it, or it was finished meanwhile
+    async def process(self, job_id: uuid.UUID, fresh: Job | None = None) -> None:
+        """Carry one job as far as it goes; every outcome is written to its row.
+
+        ``fresh`` is a job this instance accepted a moment ago: its row is held here at
+        epoch 0 and says queued, so it runs without a claim (one round trip and commit
+        less); every write is still fenced by that epoch, and the sweep's heartbeat shows
+        it as running if it takes long. Any other job (recovered, retried) is claimed.
+        """
+        if fresh is not None:
+            job = fresh
+        else:
+            try:
+                claimed = await self.store.claim(job_id)
+            except StoreError as exc:
+                # Not held any more: its lease lapses and the sweep takes the job again.
+                log.warning("job.claim_failed", task_id=str(job_id), error=str(exc))
+                return
+            if claimed is None:
+                return  # another instance took it, or it was finished meanwhile
+            job = claimed
         with structlog.contextvars.bound_contextvars(
             task_id=str(job.id), conversation_id=job.target.conversationId, query=job.query
         ):
             log.info(
                 "job.claimed",
-                status=job.status,
+                status="running" if fresh is not None else job.status,
                 duration_s=self._age_s(job),
                 attempts_query=job.attempts_query,
                 attempts_delivery=job.attempts_delivery,
             )
             try:
-                await self._advance(job)
+                await self._advance(job, counted=fresh is None)
             except LeaseLost as exc:
                 log.warning("job.lease_lost", detail=str(exc))
             except StoreError as exc:
@@ -141,16 +157,40 @@ class Workers:
             finally:
                 self.waiters.finish(job.id, None)
 
-    async def _advance(self, job: Job) -> None:
+    async def _advance(self, job: Job, *, counted: bool) -> None:
+        """Run the query (unless a result is stored), then deliver; ``counted``: the claim
+        already counted this query attempt in the row."""
         if time.time() >= job.deadline_at.timestamp():
             await self._finish(job, "expired", None)
             return
-        if job.result is None:
+        saved = job.result is not None  # a result checkpointed by an earlier attempt
+        if not saved:
+            if not counted:
+                job.attempts_query += 1
+                self.unshown[job.id] = ("running", time.monotonic())
             finished = await self._run_query(job)
             if finished:
                 return
         assert job.result is not None and job.result_at is not None
+        if not counted:
+            self.unshown[job.id] = ("delivering", time.monotonic())
         first = job.attempts_delivery + 1
+
+        async def before_attempt() -> None:
+            # The first attempt is counted by the final write. Before a retry the result
+            # is checkpointed (if it is not yet), so a crash from here on re-delivers it
+            # rather than running the query again.
+            nonlocal saved
+            job.attempts_delivery += 1
+            if job.attempts_delivery > first:
+                if saved:
+                    await self.store.record_attempt(job)
+                else:
+                    job.status = "delivering"
+                    await self.store.save_result(job)
+                    self.unshown.pop(job.id, None)
+                    saved = True
+
         try:
             status = await self.deliverer.deliver(
                 str(job.id),
@@ -158,25 +198,18 @@ class Workers:
                 job.result,
                 int(job.result_at.timestamp()),
                 job.deadline_at.timestamp(),
-                lambda: self._count_attempt(job, first),
+                before_attempt,
             )
         except DeadlineExceeded:
-            await self._finish(job, "expired", None)
+            await self._finish(job, "expired", None, with_result=not saved)
         except DeliveryError as exc:
             error = JobError(kind=exc.kind, detail=exc.detail, httpStatus=exc.http_status)
-            await self._finish(job, "failed", error)
+            await self._finish(job, "failed", error, with_result=not saved)
         else:
-            await self._finish(job, "delivered", None, http_status=status)
-
-    async def _count_attempt(self, job: Job, first: int) -> None:
-        """Count an attempt; written at once only for retries, the first one rides on the
-        final UPDATE (one commit less per job; a crash in between undercounts by one)."""
-        job.attempts_delivery += 1
-        if job.attempts_delivery > first:
-            await self.store.record_attempt(job)
+            await self._finish(job, "delivered", None, http_status=status, with_result=not saved)
 
     async def _run_query(self, job: Job) -> bool:
-        """Run the job's query and checkpoint the result; True when the job is finished."""
+        """Run the job's query; True when the job is finished (failed, answered inline)."""
         query = self.catalog.queries.get(job.query)
         if query is None:
             detail = f"Query {job.query!r} is no longer in the configuration."
@@ -198,18 +231,18 @@ class Workers:
             log.error("job.query_failed", kind=exc.kind, error=str(exc))
             await self._finish(job, "failed", JobError(kind=exc.kind, detail=QUERY_FAILED_DETAIL))
             return True
-        waiter = self.waiters.take(job.id)
-        job.result_at = await self.store.save_result(job, result, answered=waiter is not None)
         job.result = result
+        job.result_at = dt.datetime.now(dt.UTC)
+        waiter = self.waiters.take(job.id)
         if waiter is not None:
             job.status = "answered"
-            job.updated_at = job.result_at
+            job.updated_at = await self.store.save_result(job, answered=True)
             self._count_final(job, "answered")
             log.info("job.answered", status="answered", duration_s=self._age_s(job))
             self.waiters.finish(job.id, job.document())
             return True
         log.info(
-            "job.result_stored",
+            "job.result_ready",
             status="delivering",
             duration_s=self._age_s(job),
             attempts=job.attempts_query,
@@ -217,9 +250,15 @@ class Workers:
         return False
 
     async def _finish(
-        self, job: Job, status: str, error: JobError | None, http_status: int | None = None
+        self,
+        job: Job,
+        status: str,
+        error: JobError | None,
+        http_status: int | None = None,
+        *,
+        with_result: bool = False,
     ) -> None:
-        await self.store.finish(job, status, error)
+        await self.store.finish(job, status, error, with_result=with_result)
         self._count_final(job, status)
         fields: dict[str, Any] = {"status": status, "duration_s": self._age_s(job)}
         if error is not None:
@@ -267,6 +306,29 @@ class Workers:
             self.metrics.jobs_recovered.inc(len(taken))
             log.info("jobs.recovered", count=len(taken), at_startup=startup)
         return len(taken)
+
+    async def run_marker(self) -> None:
+        """Show in the job table what workers do with jobs taken straight from the webhook
+        once that lasts over SHOW_AFTER_S: one UPDATE for all of them, and none at all for
+        the usual fast job, which goes from queued to its final state in one write."""
+        while True:
+            await anyio.sleep(SHOW_TICK_S)
+            now = time.monotonic()
+            due = {
+                job_id: state
+                for job_id, (state, since) in self.unshown.items()
+                if now - since >= SHOW_AFTER_S
+            }
+            if not due:
+                continue
+            try:
+                await self.store.show_progress(due)
+            except StoreError as exc:
+                log.warning("jobs.progress_not_shown", error=str(exc))
+                continue
+            for job_id, state in due.items():
+                if self.unshown.get(job_id, ("", 0.0))[0] == state:
+                    del self.unshown[job_id]
 
     async def run_sweeper(self) -> None:
         """Sweep every ``queue.sweep_interval_s``; prune once a minute."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
 from cognigy_offload.errors import LeaseLost
-from cognigy_offload.models import Target
+from cognigy_offload.models import Job, Target
 from cognigy_offload.store import NewJob, Store
 
 pytestmark = pytest.mark.anyio
@@ -57,13 +59,51 @@ async def test_a_stale_claim_cannot_overwrite_a_newer_one(pool: asyncpg.Pool) ->
     new = await b.claim(job_id)
     assert new is not None and new.lease_epoch > old.lease_epoch
     with pytest.raises(LeaseLost):
-        await a.save_result(old, {"n": 1})
+        await a.save_result(with_result(old, {"n": 1}))
     with pytest.raises(LeaseLost):
         await a.finish(old, "failed")
-    await b.save_result(new, {"n": 2})
+    await b.save_result(with_result(new, {"n": 2}))
     current = await b.get(job_id)
     assert current is not None and current.result == {"n": 2}
     assert current.status == "delivering"
+
+
+def with_result(job: Job, result: dict[str, Any]) -> Job:
+    """The job as a worker holds it after its query ran."""
+    job.result, job.result_at = result, dt.datetime.now(dt.UTC)
+    return job
+
+
+async def test_a_job_taken_straight_from_the_webhook_is_fenced_too(pool: asyncpg.Pool) -> None:
+    """A job handed to a worker without a claim (epoch 0, as inserted) loses its writes to
+    an instance that took it over after the lease lapsed; it is finished in one write
+    with its result and attempt counts when nobody did."""
+    a, b = store(pool, "a", lease_s=0.1), store(pool, "b")
+    await a.migrate()
+    target = Target(mode="context", userId="u", sessionId="s")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run_committer)
+        fresh = await a.insert(NewJob(uuid.uuid4(), "revenue", b"{}", target, None, None))
+        tg.cancel_scope.cancel()
+    assert fresh.job is not None and fresh.job.lease_epoch == 0
+    assert fresh.job.status == "queued"
+    await anyio.sleep(0.2)
+    assert await b.take_over(10) == [fresh.id]
+    with pytest.raises(LeaseLost):
+        await a.finish(with_result(fresh.job, {"n": 1}), "delivered", with_result=True)
+
+    a = store(pool, "a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run_committer)
+        kept = await a.insert(NewJob(uuid.uuid4(), "revenue", b"{}", target, None, None))
+        tg.cancel_scope.cancel()
+    assert kept.job is not None
+    kept.job.attempts_query, kept.job.attempts_delivery = 1, 1
+    await a.finish(with_result(kept.job, {"n": 2}), "delivered", with_result=True)
+    row = await a.get(kept.id)
+    assert row is not None and (row.status, row.result) == ("delivered", {"n": 2})
+    assert (row.attempts_query, row.attempts_delivery) == (1, 1)
+    assert row.result_at is not None
 
 
 async def test_concurrent_sweeps_never_take_the_same_job(pool: asyncpg.Pool) -> None:

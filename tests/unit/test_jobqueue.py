@@ -24,7 +24,7 @@ async def test_reservations_count_against_capacity_before_anything_is_stored() -
     first = uuid.uuid4()
     queue.push(first)
     assert queue.depth == 1 and queue.free == 1
-    assert await queue.get() == first
+    assert await queue.get() == (first, None)
     assert queue.depth == 0
     queue.close()
 
