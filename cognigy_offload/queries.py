@@ -56,7 +56,7 @@ SUPPORTED_TYPES = TEXT_TYPES | frozenset(
 )
 
 
-RECENT_S = 60.0  # how long a run's result may serve jobs accepted before it started
+RECENT_S = 60.0  # how long a run's result may serve jobs accepted while it ran
 RECENT_MAX = 10_000
 
 
@@ -416,7 +416,10 @@ class Executor:
         """The result of ``query`` with ``args``, running it at most once at a time.
 
         A job accepted at ``accepted_at_s`` (Unix seconds) also takes the result of a run
-        that *started* after that moment: it is as fresh as a run of its own would be.
+        that was still running at that moment, even when its worker asks only after the run
+        ended: it is the answer a worker joining that run at acceptance would have shared
+        (single-flight), so no fresher than one run's duration, never from before the job
+        arrived and the run was already over. Only ``cache_ttl_s`` reuses older results.
         """
         key = (query.name, ENCODER.encode([str(a) if not isinstance(a, str) else a for a in args]))
         cached = self._cache.get(key)
@@ -439,10 +442,9 @@ class Executor:
             assert flight.result is not None
             return flight.result
         flight = self._flights[key] = _Flight()
-        started_s = time.time()
         try:
             flight.result = await self._execute(query, args)
-            self._remember(key, started_s, flight.result)
+            self._remember(key, time.time(), flight.result)
             if query.cache_ttl_s > 0:
                 self._prune_cache()
                 self._cache[key] = (self._clock() + query.cache_ttl_s, flight.result)
@@ -454,11 +456,11 @@ class Executor:
             del self._flights[key]
             flight.done.set()
 
-    def _remember(self, key: tuple[str, bytes], started_s: float, result: dict[str, Any]) -> None:
+    def _remember(self, key: tuple[str, bytes], ended_s: float, result: dict[str, Any]) -> None:
         """Keep the latest run's result per question for RECENT_S (bounded, oldest out)."""
         self._recent.pop(key, None)
-        self._recent[key] = (started_s, result)
-        horizon_s = started_s - RECENT_S
+        self._recent[key] = (ended_s, result)
+        horizon_s = ended_s - RECENT_S
         while self._recent:
             oldest_key, (oldest_s, _) = next(iter(self._recent.items()))
             if oldest_s >= horizon_s and len(self._recent) <= RECENT_MAX:
