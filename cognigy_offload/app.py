@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from . import db, openapi, web
+from . import db, http1, openapi, web
 from .cognigy import Deliverer
 from .config import Config, Secrets
 from .errors import ConfigError, OffloadError
@@ -147,11 +148,27 @@ async def run_service(
         waiters = InlineWaiters(config.server.max_inline_waits)
         metrics.queue_depth.set_function(lambda: queue.depth)
         metrics.inline_waits.set_function(lambda: len(waiters))
-        limits = httpx.Limits(max_connections=max(10, config.queue.workers * 2))
+        max_connections = max(10, config.queue.workers * 2)
+        limits = httpx.Limits(max_connections=max_connections)
+        # The lean HTTP/1.1 transport (a third of httpcore's CPU per delivery) when
+        # httptools is installed; httpx's own otherwise. Tests may pass their own.
+        transport = (
+            transport
+            or http1.make_transport(max_connections)
+            or httpx.AsyncHTTPTransport(limits=limits)
+        )
         async with httpx.AsyncClient(
-            timeout=config.cognigy.request_timeout_s, limits=limits, transport=transport
+            timeout=config.cognigy.request_timeout_s, transport=transport
         ) as client:
-            deliverer = Deliverer(config.cognigy, config.token_url, secrets, client, metrics)
+            deliverer = Deliverer(
+                config.cognigy,
+                config.token_url,
+                secrets,
+                client,
+                metrics,
+                # Deliveries skip the client's layers, unless a proxy must be honoured.
+                transport=None if _proxied() else transport,
+            )
             workers = Workers(
                 config=config,
                 store=store,
@@ -216,6 +233,11 @@ async def _drain(
     with anyio.move_on_after(config.server.shutdown_grace_s, shield=True):
         await workers.idle.wait()
     pool_tg.cancel_scope.cancel()
+
+
+def _proxied() -> bool:
+    """True when the environment names an HTTP proxy (httpx's clients honour it)."""
+    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies())
 
 
 def _observe_query(metrics: Metrics, name: str, seconds: float, outcome: str) -> None:
