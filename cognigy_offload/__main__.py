@@ -172,8 +172,8 @@ async def _check_config(args: argparse.Namespace) -> int:
     if not config.database.dsn:
         where = f"database.dsn is empty: the embedded PostgreSQL under {config.database.data_dir}"
     try:
-        async with open_database(config) as pool:
-            async with db.connection(pool) as conn:
+        async with open_database(config) as pools:
+            async with db.connection(pools.jobs) as conn:
                 version = await conn.fetchval("SHOW server_version")
                 table = await conn.fetchrow(
                     f"""SELECT to_regclass('{TABLE}') IS NOT NULL AS present,
@@ -189,7 +189,7 @@ async def _check_config(args: argparse.Namespace) -> int:
                     "start the service once as a role that may"
                 )
             try:
-                catalog = await Catalog.prepare(pool, config.queries)
+                catalog = await Catalog.prepare(pools.queries, config.queries)
                 print(f"queries ok: {', '.join(sorted(catalog.queries)) or 'none'}")
             except ConfigError as exc:
                 problems.extend(exc.problems)
@@ -208,9 +208,9 @@ async def _jobs(args: argparse.Namespace) -> int:
     from .store import Store
 
     config = _load(args)
-    async with open_database(config) as pool:
+    async with open_database(config) as pools:
         store = Store(
-            pool,
+            pools.jobs,
             instance_id="cli",
             lease_s=config.queue.lease_s,
             deadline_s=config.queue.job_deadline_s,

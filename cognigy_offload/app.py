@@ -97,8 +97,8 @@ def build_app(
 
 
 @contextlib.asynccontextmanager
-async def open_database(config: Config, dsn: str | None = None) -> AsyncIterator[Any]:
-    """An asyncpg pool on the configured database, or on an embedded server if dsn is empty."""
+async def open_database(config: Config, dsn: str | None = None) -> AsyncIterator[db.Pools]:
+    """The asyncpg pools on the configured database, or on an embedded server if dsn is empty."""
     embedded: db.EmbeddedPostgres | None = None
     target = dsn or config.database.dsn
     if not target:
@@ -106,15 +106,22 @@ async def open_database(config: Config, dsn: str | None = None) -> AsyncIterator
         log.info("database.embedded_starting", data_dir=str(embedded.data_dir))
         target = await anyio.to_thread.run_sync(embedded.start)
     try:
-        pool = await db.create_pool(target, config.database)
-        try:
-            yield pool
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await pool.close()
+        jobs_size, queries_size = db.pool_sizes(config.database)
+        async with contextlib.AsyncExitStack() as stack:
+            pools = []
+            for read_only, size in ((False, jobs_size), (True, queries_size)):
+                pool = await db.create_pool(target, config.database, read_only=read_only, size=size)
+                stack.push_async_callback(_close_pool, pool)
+                pools.append(pool)
+            yield db.Pools(jobs=pools[0], queries=pools[1])
     finally:
         if embedded is not None:
             await anyio.to_thread.run_sync(embedded.stop)
+
+
+async def _close_pool(pool: Any) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await pool.close()
 
 
 @contextlib.asynccontextmanager
@@ -129,18 +136,18 @@ async def run_service(
 ) -> AsyncIterator[web.Service]:
     """Start every part in order, yield the running service, then drain and stop."""
     instance_id = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    async with open_database(config, dsn) as pool:
+    async with open_database(config, dsn) as pools:
         store = Store(
-            pool,
+            pools.jobs,
             instance_id=instance_id,
             lease_s=config.queue.lease_s,
             deadline_s=config.queue.job_deadline_s,
             group_commit_s=config.queue.group_commit_ms / 1000,
         )
         await store.migrate()
-        catalog = await Catalog.prepare(pool, config.queries)
+        catalog = await Catalog.prepare(pools.queries, config.queries)
         executor = Executor(
-            pool,
+            pools.queries,
             on_run=lambda q, s, outcome: _observe_query(metrics, q.name, s, outcome),
             on_shared=lambda q, how: metrics.queries_shared.labels(q.name, how).inc(),
         )

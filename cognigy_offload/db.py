@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +94,43 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     RESET ALL / UNLISTEN / CLOSE ALL round trip, as this service sets no session state."""
 
 
-async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
-    """An asyncpg pool whose connections carry the statement timeout; refuses at once if down."""
+def pool_sizes(config: DatabaseConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(min, max) connections of the job-table pool and of the read-only query pool.
+
+    ``pool_max`` is shared: a quarter (at least one) for the job table's short writes, the
+    rest for queries, which hold a connection for their whole run.
+    """
+    jobs_max = max(1, config.pool_max // 4)
+    queries_max = max(1, config.pool_max - jobs_max)
+    jobs_min = min(config.pool_min, jobs_max)
+    queries_min = min(queries_max, max(1, config.pool_min - jobs_min))
+    return (jobs_min, jobs_max), (queries_min, queries_max)
+
+
+async def create_pool(
+    dsn: str, config: DatabaseConfig, *, read_only: bool = False, size: tuple[int, int] = (0, 0)
+) -> asyncpg.Pool:
+    """An asyncpg pool whose connections carry the statement timeout; refuses at once if down.
+
+    ``read_only``: every statement runs in a read-only transaction of its own
+    (default_transaction_read_only), without a BEGIN READ ONLY / COMMIT round trip each.
+    ``size``: (min, max) connections; (0, 0) means pool_min and pool_max.
+    """
+    min_size, max_size = size if size != (0, 0) else (config.pool_min, config.pool_max)
+    settings = {
+        "statement_timeout": str(config.statement_timeout_ms),
+        "application_name": "cognigy-offload",
+    }
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
     try:
         pool = await asyncpg.create_pool(
             dsn,
-            min_size=config.pool_min,
-            max_size=config.pool_max,
+            min_size=min_size,
+            max_size=max_size,
             timeout=config.connect_timeout_s,
             command_timeout=None,
-            server_settings={
-                "statement_timeout": str(config.statement_timeout_ms),
-                "application_name": "cognigy-offload",
-            },
+            server_settings=settings,
             reset=_keep_session,
         )
     except asyncpg.ClientConfigurationError as exc:  # a malformed DSN, not an outage
@@ -116,6 +141,14 @@ async def create_pool(dsn: str, config: DatabaseConfig) -> asyncpg.Pool:
         raise ConfigError([f"database.dsn: cannot connect: {describe(exc)}"]) from exc
     assert pool is not None
     return pool
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The job table's pool and the read-only pool the catalog queries run on."""
+
+    jobs: asyncpg.Pool
+    queries: asyncpg.Pool
 
 
 @contextlib.asynccontextmanager

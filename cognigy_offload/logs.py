@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime as dt
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 import structlog
@@ -55,6 +57,41 @@ def _json_line(logger: Any, method_name: str, event: MutableMapping[str, Any]) -
     return _ENCODER.encode(event)
 
 
+class _BatchedWriter:
+    """JSON lines written once per event-loop turn: under load one write() carries the
+    lines of many jobs instead of a system call each. Outside a running loop (start-up,
+    the CLI) and at exit every line is written at once; a crash loses at most one turn."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._lines: list[bytes] = []
+        atexit.register(self.flush)
+
+    def msg(self, message: bytes) -> None:
+        self._lines.append(message)
+        if len(self._lines) > 1:
+            return  # a flush is already scheduled
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+        else:
+            loop.call_soon(self.flush)
+
+    debug = info = warning = warn = error = err = critical = exception = log = msg
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines.clear()
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nowhere left to write
+            pass
+
+
 def configure(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog for the process (called once by the CLI, never by the library)."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
@@ -71,7 +108,11 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
     else:
         processors.append(_json_line)
-        factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        writer = _BatchedWriter(sys.stderr.buffer)
+
+        def factory(*_: Any) -> _BatchedWriter:
+            return writer
+
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -382,6 +382,20 @@ def rows_to_result(
     return {"rowCount": len(rows), "rows": [as_object(row) for row in rows]}
 
 
+def _check_still_read_only(conn: asyncpg.Connection, query: Query) -> None:
+    """A query that switched its session's default to read-write (set_config) ran read
+    only itself, but would leave the pooled connection writable for the next one: close
+    that connection and fail the job. PostgreSQL 14+ reports the setting with every
+    change, so this costs no round trip (older servers do not report it)."""
+    mode = getattr(conn.get_settings(), "default_transaction_read_only", "on")
+    if mode != "on":
+        conn.terminate()
+        raise QueryError(
+            f"query {query.name!r} switched its connection to read-write "
+            "(default_transaction_read_only); the connection was closed"
+        )
+
+
 @dataclass
 class _Flight:
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -481,8 +495,11 @@ class Executor:
         outcome = "error"
         self.runs += 1
         try:
-            async with db.connection(self._pool) as conn, conn.transaction(readonly=True):
+            # The pool's connections are read-only by default: one statement, one
+            # read-only transaction, no BEGIN/COMMIT round trips.
+            async with db.connection(self._pool) as conn:
                 rows = await conn.fetch(query.sql, *args)
+                _check_still_read_only(conn, query)
             outcome = "ok"
             return rows_to_result(query.columns, rows, query.json_columns)
         except asyncpg.QueryCanceledError as exc:

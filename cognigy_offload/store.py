@@ -7,6 +7,7 @@ presumed dead cannot overwrite the work of the one that took over.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -134,10 +135,33 @@ def _row_to_job(row: asyncpg.Record) -> Job:
     )
 
 
+class _Done:
+    """A one-shot event for the one caller waiting on a pending insert: a bare asyncio
+    future costs a fraction of an anyio.Event, and there is one per webhook."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if not self._set:
+            await self._future
+
+
 @dataclass
 class _Pending:
     job: NewJob
-    done: anyio.Event
+    done: _Done
     expires_at: float = math.inf
     result: Inserted | None = None
     error: BaseException | None = None
@@ -196,7 +220,7 @@ class Store:
         not a timer per request.
         """
         expires_at = time.monotonic() + wait_s if wait_s is not None else math.inf
-        pending = _Pending(job, anyio.Event(), expires_at)
+        pending = _Pending(job, _Done(), expires_at)
         self._pending.append(pending)
         self._wake.set()
         try:

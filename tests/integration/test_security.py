@@ -45,6 +45,10 @@ LOG_PIPELINE = [
     structlog.processors.format_exc_info,
 ]
 EVIL_QUERIES = {
+    # First: it would leave its pooled connection read-write for the ones after it.
+    "evil_session": {
+        "sql": "SELECT set_config('default_transaction_read_only', 'off', false) AS x"
+    },
     "evil_delete": {"sql": "DELETE FROM transactions RETURNING id"},
     "evil_cte": {
         "sql": "WITH changed AS (UPDATE transactions SET amount = 0 RETURNING 1) "
@@ -541,13 +545,15 @@ async def test_sql_in_variables_is_bound_as_a_value(service_factory: Any, databa
 
 
 async def test_a_malicious_catalog_entry_cannot_write(service_factory: Any, database: str) -> None:
-    """Queries run READ ONLY: DELETE, a writing CTE, DROP TABLE or switching the transaction
-    to read-write fail the job with a generic query error; the cause goes to the log under
-    the taskId; the table is unchanged and the service keeps working."""
+    """Queries run READ ONLY: DELETE, a writing CTE, DROP TABLE, switching the transaction
+    to read-write or the session's default to read-write fail the job with a generic query
+    error; the cause goes to the log under the taskId; the table is unchanged and the
+    service keeps working. One query connection: the one the session switch tainted must
+    not serve the DELETE after it."""
     before = await transactions_fingerprint(database)
     failed: dict[str, str] = {}
     with capture_logs(processors=LOG_PIPELINE) as entries:
-        async with service_factory(queries=EVIL_QUERIES) as svc:
+        async with service_factory(queries=EVIL_QUERIES, database={"pool_max": 2}) as svc:
             for name in EVIL_QUERIES:
                 response = await svc.post(body(query=name))
                 assert response.status_code == 202, response.text

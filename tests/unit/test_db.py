@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cognigy_offload.config import DatabaseConfig
-from cognigy_offload.db import _forget_dead_users, create_pool
+from cognigy_offload.db import _forget_dead_users, create_pool, pool_sizes
 from cognigy_offload.errors import ConfigError
 
 pytestmark = pytest.mark.anyio
@@ -36,3 +36,21 @@ def test_users_killed_with_minus_9_are_forgotten(tmp_path: Path) -> None:
     _forget_dead_users(pid_file)
     assert json.loads(pid_file.read_text()) == [os.getpid()]
     _forget_dead_users(tmp_path / "missing.json")  # nothing to do, no error
+
+
+@pytest.mark.parametrize(
+    ("pool_min", "pool_max", "jobs", "queries"),
+    [
+        (2, 10, (2, 2), (1, 8)),  # the shipped config: 8 workers can each run a query
+        (0, 10, (0, 2), (1, 8)),
+        (10, 40, (10, 10), (1, 30)),
+        (1, 1, (1, 1), (1, 1)),  # the floor: one connection each
+        (4, 4, (1, 1), (3, 3)),
+    ],
+)
+def test_pool_max_is_split_between_the_job_table_and_the_queries(
+    pool_min: int, pool_max: int, jobs: tuple[int, int], queries: tuple[int, int]
+) -> None:
+    """A quarter of pool_max (at least one) for the job table, the rest for queries."""
+    config = DatabaseConfig(pool_min=pool_min, pool_max=pool_max)
+    assert pool_sizes(config) == (jobs, queries)
