@@ -8,6 +8,7 @@ fresh for ``cache_ttl_s``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import re
 import time
@@ -213,6 +214,13 @@ def _date_range(value: Any) -> tuple[dt.date, dt.date]:
     """``YYYY-MM-DD_to_YYYY-MM-DD`` → (first day, the day after the last day)."""
     if not isinstance(value, str):
         raise ParamError(f"expected a YYYY-MM-DD_to_YYYY-MM-DD string, got {_kind(value)}")
+    return _parse_date_range(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_date_range(value: str) -> tuple[dt.date, dt.date]:
+    # Cached: a query names the range twice (start, end), and bots ask the same ranges
+    # again and again. Refusals raise and are not cached.
     match = DATE_RANGE.match(value.strip())
     if not match:
         raise ParamError(f"{value[:60]!r} is not a date range YYYY-MM-DD_to_YYYY-MM-DD")
