@@ -295,17 +295,24 @@ def _fast_choices() -> dict[str, str]:
     return choices
 
 
+def tune_gc() -> None:
+    """Once start-up is done (the serving process only, never tests).
+
+    What start-up built lives until exit: take it out of the cyclic GC's scans, and
+    collect the young generation less often (each webhook allocates hundreds of
+    short-lived objects; the default threshold of 700 runs a collection every few).
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
+
+
 def serve(config: Config, secrets: Secrets) -> None:
     """Run the service under uvicorn until SIGTERM/SIGINT (the systemd unit's ExecStart)."""
     holder: dict[str, web.Service] = {}
 
     def ready(service: web.Service) -> None:
         holder["service"] = service
-        # What start-up built lives until exit: take it out of the cyclic GC's scans, and
-        # collect the young generation less often (each webhook allocates hundreds of
-        # short-lived objects; the default threshold of 700 runs a collection every few).
-        gc.freeze()
-        gc.set_threshold(20_000, 20, 100)
+        tune_gc()
 
     # Bind before the lifespan runs: a second copy started on a port that is in use must
     # stop here, before its start-up recovery takes over the running copy's jobs.
