@@ -219,12 +219,16 @@ class Deliverer:
         timestamp_s: int,
         deadline_wall_s: float,
         on_attempt: Callable[[], Awaitable[None]],
+        on_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> int:
         """Deliver one result with retries; return the HTTP status of the successful answer.
 
+        ``on_attempt`` runs before each attempt is sent; ``on_retry`` once an attempt has
+        failed and another will follow, before any wait (backoff, Retry-After, a new
+        token), so what the failed attempt leaves behind can be made durable first.
         Raises DeliveryError when it fails for good, DeadlineExceeded when the next
         attempt would start after ``deadline_wall_s`` (Unix seconds), and lets LeaseLost
-        from ``on_attempt`` through.
+        from ``on_attempt`` and ``on_retry`` through.
         """
         config = self.config
         outbound = build_request(config, target, result, task_id, timestamp_s)
@@ -251,6 +255,8 @@ class Deliverer:
                 )
                 if outcome.kind != "token_unavailable" or attempt >= config.max_attempts:
                     raise outcome
+                if on_retry is not None:
+                    await on_retry()
                 await self._backoff(attempt, deadline_wall_s, task_id, outcome.detail)
                 continue
             response = outcome.response
@@ -285,6 +291,8 @@ class Deliverer:
                     f"gave up after {attempt} attempts; the last one: {detail}",
                     status,
                 )
+            if on_retry is not None:
+                await on_retry()
             if decision.action is Action.REFRESH:
                 # The auth flow already dropped the refused token; the next attempt fetches.
                 refreshed = True

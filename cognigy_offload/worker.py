@@ -51,6 +51,7 @@ class Deliverer(Protocol):
         timestamp_s: int,
         deadline_wall_s: float,
         on_attempt: Callable[[], Awaitable[None]],
+        on_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> int: ...
 
 
@@ -177,19 +178,24 @@ class Workers:
         first = job.attempts_delivery + 1
 
         async def before_attempt() -> None:
-            # The first attempt is counted by the final write. Before a retry the result
-            # is checkpointed (if it is not yet), so a crash from here on re-delivers it
-            # rather than running the query again.
-            nonlocal saved
+            # The first attempt is counted by the final write; a retry at once.
             job.attempts_delivery += 1
             if job.attempts_delivery > first:
-                if saved:
-                    await self.store.record_attempt(job)
-                else:
-                    job.status = "delivering"
-                    await self.store.save_result(job)
-                    self.unshown.pop(job.id, None)
-                    saved = True
+                await self.store.record_attempt(job)
+
+        async def before_retry() -> None:
+            # An attempt failed and a retry will follow, maybe after a long wait
+            # (Retry-After, backoff): checkpoint the result and the attempt count now, so
+            # a crash from here on re-delivers the result rather than running the query
+            # again, and the task document counts the failed attempt.
+            nonlocal saved
+            if saved:
+                await self.store.record_attempt(job)
+            else:
+                job.status = "delivering"
+                await self.store.save_result(job)
+                self.unshown.pop(job.id, None)
+                saved = True
 
         try:
             status = await self.deliverer.deliver(
@@ -199,6 +205,7 @@ class Workers:
                 int(job.result_at.timestamp()),
                 job.deadline_at.timestamp(),
                 before_attempt,
+                before_retry,
             )
         except DeadlineExceeded:
             await self._finish(job, "expired", None, with_result=not saved)

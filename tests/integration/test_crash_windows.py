@@ -1,0 +1,66 @@
+"""Crash and race windows of the fast paths: a fresh job runs without a claim at epoch 0,
+its result is checkpointed only before a retry, progress shows late, writes commit async.
+
+Real child processes (or the service in-process) against the embedded PostgreSQL and the
+stand-in on loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from cognigy_offload.sim import Fault, SimState
+from tests.integration.conftest import Process, body
+from tests.integration.test_recovery import (
+    deliveries_per_task,
+    fetch,
+    post_many,
+    wait_all_final,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def job_row(dsn: str) -> Any:
+    [row] = await fetch(
+        dsn,
+        "SELECT status, result IS NOT NULL AS has_result, attempts_query, attempts_delivery "
+        "FROM cognigy_offload_jobs",
+    )
+    return row
+
+
+class TestFailedFirstDelivery:
+    """The first delivery of a fresh job fails and a retry waits (429 Retry-After)."""
+
+    async def test_kill_9_while_waiting_to_retry_keeps_the_result_and_the_attempt(
+        self, process_factory: Any, sim: tuple[SimState, str], database: str
+    ) -> None:
+        """Once the first attempt has failed, its result and the attempt are in the row:
+        kill -9 during the wait for the retry, and the restart re-delivers the stored
+        result (no second query run) and counts both delivery attempts."""
+        state, _ = sim
+        state.add_faults(Fault(status=429, retry_after="3"))
+        process: Process = process_factory(queue={"workers": 1})
+        await process.start()
+        [task_id] = await post_many(process.url, [body()])
+        with anyio.fail_after(5):
+            await state.wait_received(1)
+        await anyio.sleep(0.6)  # well inside the 3 s wait for the second attempt
+        row = await job_row(database)
+        process.kill()
+        assert row["has_result"], f"result not checkpointed after a failed attempt: {dict(row)}"
+        assert row["attempts_delivery"] == 1, dict(row)
+        await process.start()
+        try:
+            await wait_all_final(database, 1, timeout_s=8)
+        finally:
+            assert await process.terminate() == 0
+        row = await job_row(database)
+        assert row["status"] == "delivered"
+        assert row["attempts_query"] == 1, "the stored result was computed again"
+        assert row["attempts_delivery"] == 2, dict(row)
+        assert deliveries_per_task(state) == {task_id: 1}
