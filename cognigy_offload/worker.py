@@ -37,6 +37,8 @@ log = structlog.get_logger("cognigy_offload.worker")
 
 SHOW_AFTER_S = 0.25  # a job running longer than this is shown as running in its row
 SHOW_TICK_S = 0.1
+FINAL_RETRY_FIRST_S = 0.05  # the final write retried while PostgreSQL is away, doubling
+FINAL_RETRY_MAX_S = 1.0
 QUERY_FAILED_DETAIL = "The query failed; the service log has the cause under this taskId."
 
 
@@ -265,7 +267,7 @@ class Workers:
         *,
         with_result: bool = False,
     ) -> None:
-        await self.store.finish(job, status, error, with_result=with_result)
+        await self._write_final(job, status, error, with_result=with_result)
         self._count_final(job, status)
         fields: dict[str, Any] = {"status": status, "duration_s": self._age_s(job)}
         if error is not None:
@@ -273,6 +275,27 @@ class Workers:
         if http_status is not None:
             fields["http_status"] = http_status
         (log.warning if status in ("failed", "expired") else log.info)(f"job.{status}", **fields)
+
+    async def _write_final(
+        self, job: Job, status: str, error: JobError | None, *, with_result: bool
+    ) -> None:
+        """Write the final state, retried while PostgreSQL is away (a restart, a failover)
+        for up to one lease: the outcome, a delivery above all, has happened, and a job
+        left to the lease would be run and delivered again. The job stays active
+        meanwhile, so the sweep's heartbeat keeps its lease once the database is back;
+        LeaseLost (another instance took it) is not retried."""
+        give_up_at = time.monotonic() + self.config.queue.lease_s
+        delay_s = FINAL_RETRY_FIRST_S
+        while True:
+            try:
+                await self.store.finish(job, status, error, with_result=with_result)
+                return
+            except StoreError as exc:
+                if time.monotonic() + delay_s >= give_up_at:
+                    raise
+                log.warning("job.final_write_retry", error=str(exc), retry_in_s=delay_s)
+            await anyio.sleep(delay_s)
+            delay_s = min(delay_s * 2, FINAL_RETRY_MAX_S)
 
     def _count_final(self, job: Job, status: str) -> None:
         self.metrics.jobs_finished.labels(status).inc()

@@ -8,6 +8,7 @@ stand-in on loopback.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -63,4 +64,42 @@ class TestFailedFirstDelivery:
         assert row["status"] == "delivered"
         assert row["attempts_query"] == 1, "the stored result was computed again"
         assert row["attempts_delivery"] == 2, dict(row)
+        assert deliveries_per_task(state) == {task_id: 1}
+
+
+class TestDatabaseGoneAtTheEnd:
+    """PostgreSQL goes away while a delivery is in flight and is back a moment later."""
+
+    async def test_a_finish_that_meets_a_restarting_database_is_retried_not_redelivered(
+        self,
+        service_factory: Any,
+        sim: tuple[SimState, str],
+        database: str,
+        pg_admin_dsn: str,
+    ) -> None:
+        """The delivery succeeded but the final write hit a database that was restarting:
+        the worker writes it once the database is back (it still holds the lease), rather
+        than leaving the lease to lapse so that the job is run and delivered again."""
+        state, _ = sim
+        state.slowness_s = 0.8
+        db_name = urlsplit(database).path.lstrip("/")
+        async with service_factory(queue={"workers": 1, "lease_s": 2}) as svc:
+            task_id = (await svc.post()).json()["taskId"]
+            with anyio.fail_after(5):
+                await state.wait_received(1)
+            await fetch(pg_admin_dsn, f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+            try:
+                await fetch(
+                    pg_admin_dsn,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    db_name,
+                )
+                await anyio.sleep(1.5)  # the delivery is answered meanwhile
+            finally:
+                await fetch(pg_admin_dsn, f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+            doc = await svc.wait_status(task_id, {"delivered", "failed"}, timeout_s=5)
+            await anyio.sleep(2.5)  # past the lease: a lapsed job would be taken again now
+            doc = (await svc.client.get(f"/tasks/{task_id}")).json()
+        assert doc["status"] == "delivered", doc
+        assert doc["attempts"] == {"query": 1, "delivery": 1}, doc
         assert deliveries_per_task(state) == {task_id: 1}
