@@ -398,15 +398,21 @@ class Store:
 
     async def save_result(self, job: Job, *, answered: bool = False) -> dt.datetime:
         """Checkpoint the job's result (``job.result``, ``job.result_at``) so a retry never
-        recomputes it; ``answered`` (given to an inline caller) is a final state."""
+        recomputes it; ``answered`` (given to an inline caller) is a final state.
+
+        An answer is committed synchronously, like an acceptance: the caller gets the
+        result once this returns, and an answer lost in a PostgreSQL crash would leave the
+        job queued, to be run and pushed to Cognigy as well (a second input to the flow).
+        """
         status = "answered" if answered else "delivering"
+        commit = "" if answered else f"FROM {_ASYNC_COMMIT}"
         row = await self._fenced(
             f"""
             UPDATE {TABLE} SET result = $3::json, result_at = $4, status = $5,
                 attempts_query = $6, attempts_delivery = $7, updated_at = clock_timestamp(),
                 locked_by = CASE WHEN $5 = 'answered' THEN NULL ELSE locked_by END,
                 locked_until = CASE WHEN $5 = 'answered' THEN NULL ELSE locked_until END
-            FROM {_ASYNC_COMMIT}
+            {commit}
             WHERE id = $1 AND lease_epoch = $2 RETURNING updated_at
             """,
             job,

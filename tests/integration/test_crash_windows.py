@@ -7,14 +7,27 @@ stand-in on loopback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import asyncpg
+import httpx
 import pytest
 
+from cognigy_offload.app import build_app
+from cognigy_offload.config import parse_config
+from cognigy_offload.db import EmbeddedPostgres
+from cognigy_offload.seed import ensure_transactions
+from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import Fault, SimState
-from tests.integration.conftest import Process, body
+from tests.integration.conftest import AUTH, SECRETS, Process, body, config_data
 from tests.integration.test_recovery import (
     deliveries_per_task,
     fetch,
@@ -23,6 +36,8 @@ from tests.integration.test_recovery import (
 )
 
 pytestmark = pytest.mark.anyio
+
+WEBHOOK = "/webhook/cognigy-trigger"
 
 
 async def job_row(dsn: str) -> Any:
@@ -103,3 +118,81 @@ class TestDatabaseGoneAtTheEnd:
         assert doc["status"] == "delivered", doc
         assert doc["attempts"] == {"query": 1, "delivery": 1}, doc
         assert deliveries_per_task(state) == {task_id: 1}
+
+
+def _kill_postgres(data_dir: Path) -> None:
+    """kill -9 the postmaster under ``data_dir`` and every process it started: whatever
+    WAL was not yet written out of shared memory is gone, as in a crash."""
+    postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    victims = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                victims.append(int(stat.parent.name))
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for _ in range(100):  # gone (or a zombie nobody reaps) within a second
+        if not any(_alive(pid) for pid in victims):
+            break
+        time.sleep(0.01)
+    # Every process of it is dead: its lock files are stale.
+    for lock in (data_dir / "postmaster.pid", *data_dir.glob(".s.PGSQL.*.lock")):
+        lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class TestInlineAnswerSurvivesACrash:
+    """Prefer: wait answered 200: the caller has the result, it must never be pushed too."""
+
+    async def test_an_answer_given_inline_is_durable_before_it_is_sent(
+        self, sim: tuple[SimState, str], tmp_path: Path
+    ) -> None:
+        """PostgreSQL crashes right after the 200 (WAL writer slow, as under load): after
+        recovery the job is still 'answered', so it is not run and pushed to Cognigy as
+        well (a second input to the flow)."""
+        state, sim_url = sim
+        data_dir = tmp_path / "pg"
+        server = EmbeddedPostgres(data_dir)
+        dsn = await anyio.to_thread.run_sync(server.start)
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await ensure_transactions(conn, 100)
+                # Asynchronously committed WAL waits for the WAL writer: make that wait long.
+                await conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+                await conn.execute("SELECT pg_reload_conf()")
+            finally:
+                await conn.close()
+            config = parse_config(config_data(sim_url, queue={"workers": 1, "lease_s": 1}))
+            app = build_app(config, SECRETS, dsn=dsn)
+            async with (
+                run_uvicorn(app) as url,
+                httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client,
+            ):
+                response = await client.post(WEBHOOK, json=body(), headers={"Prefer": "wait=5"})
+                assert response.status_code == 200, response.text
+                assert response.json()["status"] == "answered"
+                task_id = response.json()["taskId"]
+                _kill_postgres(data_dir)
+                # The same handle starts it again (on the same socket: the same DSN).
+                await anyio.to_thread.run_sync(server._server.ensure_postgres_running)
+                conn = await asyncpg.connect(dsn)
+                try:
+                    status = await conn.fetchval(
+                        "SELECT status FROM cognigy_offload_jobs WHERE id = $1",
+                        uuid.UUID(task_id),
+                    )
+                finally:
+                    await conn.close()
+            assert status == "answered"
+            assert state.received == []
+        finally:
+            await anyio.to_thread.run_sync(server.stop)
