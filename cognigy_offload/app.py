@@ -150,6 +150,10 @@ async def run_service(
             pools.queries,
             on_run=lambda q, s, outcome: _observe_query(metrics, q.name, s, outcome),
             on_shared=lambda q, how: metrics.queries_shared.labels(q.name, how).inc(),
+            # A busy query pool frees a connection within one statement timeout at most.
+            acquire_timeout_s=max(
+                db.ACQUIRE_TIMEOUT_S, config.database.statement_timeout_ms / 1000
+            ),
         )
         queue = JobQueue(config.queue.capacity)
         waiters = InlineWaiters(config.server.max_inline_waits)

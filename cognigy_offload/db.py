@@ -152,13 +152,15 @@ class Pools:
 
 
 @contextlib.asynccontextmanager
-async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection, given up after ACQUIRE_TIMEOUT_S rather than hanging.
+async def connection(
+    pool: asyncpg.Pool, acquire_timeout_s: float = ACQUIRE_TIMEOUT_S
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection, given up after ``acquire_timeout_s`` rather than hanging.
 
     A connection that failed as "unavailable" is terminated, so the pool opens a fresh
     one instead of handing the broken one to the next caller.
     """
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+    async with pool.acquire(timeout=acquire_timeout_s) as conn:
         try:
             yield conn
         except UNAVAILABLE_ERRORS:

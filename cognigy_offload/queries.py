@@ -421,8 +421,12 @@ class Executor:
         on_run: Callable[[Query, float, str], None] | None = None,
         on_shared: Callable[[Query, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        acquire_timeout_s: float = db.ACQUIRE_TIMEOUT_S,
     ) -> None:
         self._pool = pool
+        # How long a worker waits for a free query connection: with more workers than
+        # connections that is the normal case, not an outage.
+        self._acquire_timeout_s = acquire_timeout_s
         self._flights: dict[tuple[str, bytes], _Flight] = {}
         self._cache: dict[tuple[str, bytes], tuple[float, dict[str, Any]]] = {}
         # Insertion-ordered: the first entry is the oldest run.
@@ -505,7 +509,7 @@ class Executor:
         try:
             # The pool's connections are read-only by default: one statement, one
             # read-only transaction, no BEGIN/COMMIT round trips.
-            async with db.connection(self._pool) as conn:
+            async with db.connection(self._pool, self._acquire_timeout_s) as conn:
                 rows = await conn.fetch(query.sql, *args)
                 _check_still_read_only(conn, query)
             outcome = "ok"

@@ -450,3 +450,28 @@ async def test_the_prefer_wait_is_capped_by_max_wait_s(
         doc = await svc.wait_status(task_id, {"delivered", "failed", "answered"})
     assert doc["status"] == "delivered"
     assert delivered_results(state, {task_id}) == {task_id: {"slept": 2.5}}
+
+
+async def test_workers_beyond_the_query_pool_wait_for_a_connection_not_retry(
+    service_factory: Any,
+) -> None:
+    """More workers than query connections: a worker waits for a free one (a busy pool is
+    not an outage), so every job runs its query once, none is handed back for a retry."""
+    slow = {
+        "sql": "SELECT pg_sleep(1.3)::text AS slept, $1::text AS segment",
+        "params": ["customer_segment"],
+    }
+    segments = ["smb", "enterprise", "startup"]
+    async with service_factory(
+        queue={"workers": 3}, database={"pool_min": 1, "pool_max": 2}, queries={"slow": slow}
+    ) as svc:
+        answers = [
+            await svc.post(body(query="slow", variables={"customer_segment": s})) for s in segments
+        ]
+        docs = [
+            await svc.wait_status(a.json()["taskId"], {"delivered", "failed"}, timeout_s=20)
+            for a in answers
+        ]
+    assert [d["status"] for d in docs] == ["delivered"] * 3
+    assert [d["attempts"]["query"] for d in docs] == [1, 1, 1]
+    assert sorted(d["result"]["segment"] for d in docs) == sorted(segments)
