@@ -38,7 +38,11 @@ MAX_IDEMPOTENCY_KEY = 255
 RETRY_AFTER_FULL_S = "2"
 RETRY_AFTER_DOWN_S = "5"
 STORE_WAIT_S = 1.0
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6}(?:\.\d{1,6})?)\"?", re.IGNORECASE)
+# wait=<seconds> (RFC 7240), quoted or not, ending where the preference ends: "wait=1e9"
+# or "wait=5x" is not a wait of 1 or 5 seconds.
+_PREFER_WAIT = re.compile(
+    r"(?:^|[,;\s])wait\s*=\s*(\"?)(\d{1,6}(?:\.\d{1,6})?)\1\s*(?:$|[,;])", re.IGNORECASE
+)
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _MODE_FIELDS = {
@@ -218,7 +222,7 @@ def _prefer_wait_s(prefer: str | None, cap_s: float) -> float:
     if not prefer:
         return 0.0
     match = _PREFER_WAIT.search(prefer)
-    return min(float(match.group(1)), cap_s) if match else 0.0
+    return min(float(match.group(2)), cap_s) if match else 0.0
 
 
 def _target(payload: Any, mode: str) -> Target:

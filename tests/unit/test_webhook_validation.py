@@ -19,7 +19,7 @@ from starlette.types import Message
 from cognigy_offload.errors import RequestError
 from cognigy_offload.models import WebhookRequest
 from cognigy_offload.queries import MAX_TEXT_CHARS, Catalog, ParamError, Query, _coerce
-from cognigy_offload.web import decode_webhook, read_body
+from cognigy_offload.web import _prefer_wait_s, decode_webhook, read_body
 from tests.conftest import REVENUE_QUERY, SAMPLE_BODY
 
 VALID = SAMPLE_BODY
@@ -406,3 +406,25 @@ class TestReadBody:
         with pytest.raises(RequestError) as caught:
             await read_body(*request_with(declared, [b"{}"]), limit=10)
         assert (caught.value.status, caught.value.field) == (400, None)
+
+
+class TestPreferWait:
+    @pytest.mark.parametrize(
+        ("prefer", "expected"),
+        [
+            ("wait=5", 5.0),
+            ("respond-async, wait=3", 3.0),
+            ('wait="2.5"', 2.5),
+            ("WAIT = 4; foo", 4.0),
+            ("wait=100", 10.0),  # capped
+            ("wait=1e9", 0.0),  # not delta-seconds: ignored, not read as 1
+            ("wait=5x", 0.0),
+            ("wait=-1", 0.0),
+            ("nowait=5", 0.0),
+            ("", 0.0),
+            (None, 0.0),
+        ],
+    )
+    def test_only_a_well_formed_wait_counts(self, prefer: str | None, expected: float) -> None:
+        """RFC 7240 wait is a number of seconds; anything else in its place is no wait."""
+        assert _prefer_wait_s(prefer, 10.0) == expected
