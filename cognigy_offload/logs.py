@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import datetime as dt
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, BinaryIO
 
@@ -45,12 +45,25 @@ _ENCODER = msgspec.json.Encoder(enc_hook=str, decimal_format="number")
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "critical": "error"}
 
 
+_second: list[Any] = [None, ""]  # the last whole second seen, and its ISO 8601 text
+
+
+def _timestamp(now: float) -> str:
+    """``2026-12-03T10:00:00.123456Z``, as structlog's TimeStamper(fmt="iso", utc=True)
+    writes it, at a fraction of datetime's cost (the second's text is kept)."""
+    second = int(now)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    micros = min(round((now - second) * 1_000_000), 999_999)
+    return f"{_second[1]}.{micros:06d}Z"
+
+
 def _json_line(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> bytes:
     """Level, UTC timestamp, redaction, traceback and msgspec JSON in one step: the same
     line as structlog's add_log_level/TimeStamper/JSONRenderer chain at a third of its
     cost (a few lines are written per job, so this is on the hot path)."""
     event["level"] = _LEVEL_NAMES.get(method_name, method_name)
-    event["timestamp"] = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    event["timestamp"] = _timestamp(time.time())
     _redact(logger, method_name, event)
     if "exc_info" in event:
         event = structlog.processors.format_exc_info(logger, method_name, event)

@@ -1,0 +1,54 @@
+"""The JSON log line: fields, timestamp, redaction, and lines written once per loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+
+import msgspec
+import pytest
+
+from cognigy_offload.logs import _BatchedWriter, _json_line, _timestamp
+
+
+@pytest.mark.parametrize(
+    "now", [0.0, 1796325421.000001, 1796325421.5, 1796325421.999999, 1796325421.9999996]
+)
+def test_the_timestamp_is_utc_iso_8601_to_the_microsecond(now: float) -> None:
+    """The cached-second timestamp says the same instant as datetime does."""
+    text = _timestamp(now)
+    assert text.endswith("Z") and len(text) == len("2026-12-03T10:00:00.000000Z")
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - now) <= 1e-6
+    assert int(parsed.timestamp()) == int(now)  # never rounded into the next second
+
+
+def test_a_line_has_level_timestamp_and_no_secret() -> None:
+    """One JSON object with the event's fields, its level, a timestamp, secrets redacted."""
+    line = _json_line(None, "warning", {"event": "x", "Authorization": "Bearer s", "n": 1})
+    decoded = msgspec.json.decode(line)
+    assert decoded["level"] == "warning" and decoded["n"] == 1
+    assert decoded["Authorization"] == "<redacted>"
+    assert decoded["timestamp"].endswith("Z")
+
+
+def test_lines_logged_in_one_loop_turn_are_written_together_in_order() -> None:
+    """Inside a running loop, lines wait for the end of the turn (one write for all);
+    outside one, each is written at once."""
+    out = io.BytesIO()
+    writer = _BatchedWriter(out)
+    writer.msg(b"outside")
+    assert out.getvalue() == b"outside\n"
+
+    async def turn() -> bytes:
+        for index in range(3):
+            writer.info(f"line {index}".encode())
+        before = out.getvalue()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return before
+
+    before = asyncio.run(turn())
+    assert before == b"outside\n"
+    assert out.getvalue() == b"outside\nline 0\nline 1\nline 2\n"
