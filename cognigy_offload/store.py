@@ -437,18 +437,13 @@ class Store:
             job.attempts_delivery,
         )
 
-    async def finish(
-        self, job: Job, status: str, error: JobError | None = None, *, with_result: bool = False
-    ) -> None:
-        """Set a final state with the attempt counts, and give up the lease; ``with_result``
-        also writes the result that was delivered without a checkpoint first."""
-        result = ENCODER.encode(job.result).decode() if with_result else None
+    async def finish(self, job: Job, status: str, error: JobError | None = None) -> None:
+        """Set a final state with the attempt counts, and give up the lease."""
         await self._fenced(
             f"""
             UPDATE {TABLE} SET status = $3, error = $4::json, attempts_delivery = $5,
-                attempts_query = $6, result = coalesce($7::json, result),
-                result_at = coalesce($8, result_at),
-                locked_by = NULL, locked_until = NULL, updated_at = clock_timestamp()
+                attempts_query = $6, locked_by = NULL, locked_until = NULL,
+                updated_at = clock_timestamp()
             FROM {_ASYNC_COMMIT}
             WHERE id = $1 AND lease_epoch = $2 RETURNING id
             """,
@@ -457,8 +452,6 @@ class Store:
             ENCODER.encode(error).decode() if error is not None else None,
             job.attempts_delivery,
             job.attempts_query,
-            result,
-            job.result_at if with_result else None,
         )
 
     async def release(self, job: Job, *, delay_s: float = 0.0) -> None:

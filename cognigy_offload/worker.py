@@ -161,22 +161,26 @@ class Workers:
                 self.waiters.finish(job.id, None)
 
     async def _advance(self, job: Job, *, counted: bool) -> None:
-        """Run the query (unless a result is stored), then deliver; ``counted``: the claim
-        already counted this query attempt in the row."""
+        """Run the query (unless a result is stored), store it, then deliver; ``counted``:
+        the claim already counted this query attempt in the row."""
         if time.time() >= job.deadline_at.timestamp():
             await self._finish(job, "expired", None)
             return
-        saved = job.result is not None  # a result checkpointed by an earlier attempt
-        if not saved:
+        if job.result is None:
             if not counted:
                 job.attempts_query += 1
                 self.unshown[job.id] = ("running", time.monotonic())
             finished = await self._run_query(job)
             if finished:
                 return
+            # SPEC §3: the result is stored before it is pushed, so a crash during the
+            # push repeats the push from the row and never runs the query again. This
+            # write does not wait for the disk (a kill -9 of the service loses nothing
+            # PostgreSQL has received; see store._ASYNC_COMMIT).
+            job.status = "delivering"
+            await self.store.save_result(job)
+            self.unshown.pop(job.id, None)
         assert job.result is not None and job.result_at is not None
-        if not counted:
-            self.unshown[job.id] = ("delivering", time.monotonic())
         first = job.attempts_delivery + 1
 
         async def before_attempt() -> None:
@@ -187,17 +191,8 @@ class Workers:
 
         async def before_retry() -> None:
             # An attempt failed and a retry will follow, maybe after a long wait
-            # (Retry-After, backoff): checkpoint the result and the attempt count now, so
-            # a crash from here on re-delivers the result rather than running the query
-            # again, and the task document counts the failed attempt.
-            nonlocal saved
-            if saved:
-                await self.store.record_attempt(job)
-            else:
-                job.status = "delivering"
-                await self.store.save_result(job)
-                self.unshown.pop(job.id, None)
-                saved = True
+            # (Retry-After, backoff): count the failed attempt in the row now.
+            await self.store.record_attempt(job)
 
         try:
             status = await self.deliverer.deliver(
@@ -210,12 +205,12 @@ class Workers:
                 before_retry,
             )
         except DeadlineExceeded:
-            await self._finish(job, "expired", None, with_result=not saved)
+            await self._finish(job, "expired", None)
         except DeliveryError as exc:
             error = JobError(kind=exc.kind, detail=exc.detail, httpStatus=exc.http_status)
-            await self._finish(job, "failed", error, with_result=not saved)
+            await self._finish(job, "failed", error)
         else:
-            await self._finish(job, "delivered", None, http_status=status, with_result=not saved)
+            await self._finish(job, "delivered", None, http_status=status)
 
     async def _run_query(self, job: Job) -> bool:
         """Run the job's query; True when the job is finished (failed, answered inline)."""
@@ -264,10 +259,8 @@ class Workers:
         status: str,
         error: JobError | None,
         http_status: int | None = None,
-        *,
-        with_result: bool = False,
     ) -> None:
-        await self._write_final(job, status, error, with_result=with_result)
+        await self._write_final(job, status, error)
         self._count_final(job, status)
         fields: dict[str, Any] = {"status": status, "duration_s": self._age_s(job)}
         if error is not None:
@@ -276,9 +269,7 @@ class Workers:
             fields["http_status"] = http_status
         (log.warning if status in ("failed", "expired") else log.info)(f"job.{status}", **fields)
 
-    async def _write_final(
-        self, job: Job, status: str, error: JobError | None, *, with_result: bool
-    ) -> None:
+    async def _write_final(self, job: Job, status: str, error: JobError | None) -> None:
         """Write the final state, retried while PostgreSQL is away (a restart, a failover)
         for up to one lease: the outcome, a delivery above all, has happened, and a job
         left to the lease would be run and delivered again. The job stays active
@@ -288,7 +279,7 @@ class Workers:
         delay_s = FINAL_RETRY_FIRST_S
         while True:
             try:
-                await self.store.finish(job, status, error, with_result=with_result)
+                await self.store.finish(job, status, error)
                 return
             except StoreError as exc:
                 if time.monotonic() + delay_s >= give_up_at:

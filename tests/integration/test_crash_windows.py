@@ -1,5 +1,5 @@
 """Crash and race windows of the fast paths: a fresh job runs without a claim at epoch 0,
-its result is checkpointed only before a retry, progress shows late, writes commit async.
+progress shows late, worker writes commit without waiting for the disk.
 
 Real child processes (or the service in-process) against the embedded PostgreSQL and the
 stand-in on loopback.
@@ -80,6 +80,37 @@ class TestFailedFirstDelivery:
         assert row["attempts_query"] == 1, "the stored result was computed again"
         assert row["attempts_delivery"] == 2, dict(row)
         assert deliveries_per_task(state) == {task_id: 1}
+
+
+class TestKilledDuringTheFirstPush:
+    """kill -9 while the first push of a fresh job is in flight (SPEC §3: the result is
+    stored and never recomputed)."""
+
+    async def test_the_push_is_repeated_from_the_stored_result(
+        self, process_factory: Any, sim: tuple[SimState, str], database: str
+    ) -> None:
+        """The restart pushes the same result again (same body, same timestamp), from the
+        row: the query does not run a second time."""
+        state, _ = sim
+        state.slowness_s = 3.0  # the push is in flight when the process dies
+        process: Process = process_factory(queue={"workers": 1})
+        await process.start()
+        [task_id] = await post_many(process.url, [body()])
+        with anyio.fail_after(5):
+            await state.wait_received(1)
+        process.kill()
+        state.slowness_s = 0.0
+        await process.start()
+        try:
+            await wait_all_final(database, 1, timeout_s=10)
+        finally:
+            assert await process.terminate() == 0
+        row = await job_row(database)
+        assert row["status"] == "delivered"
+        assert row["attempts_query"] == 1, "the result was computed again"
+        pushes = [r.body["context"]["offload"] for r in state.received]
+        assert [p["taskId"] for p in pushes] == [task_id, task_id]
+        assert pushes[0] == pushes[1]  # the same result, with the same timestamp
 
 
 class TestDatabaseGoneAtTheEnd:

@@ -76,8 +76,8 @@ def with_result(job: Job, result: dict[str, Any]) -> Job:
 
 async def test_a_job_taken_straight_from_the_webhook_is_fenced_too(pool: asyncpg.Pool) -> None:
     """A job handed to a worker without a claim (epoch 0, as inserted) loses its writes to
-    an instance that took it over after the lease lapsed; it is finished in one write
-    with its result and attempt counts when nobody did."""
+    an instance that took it over after the lease lapsed; when nobody did, its result and
+    final state are written with its attempt counts."""
     a, b = store(pool, "a", lease_s=0.1), store(pool, "b")
     await a.migrate()
     target = Target(mode="context", userId="u", sessionId="s")
@@ -90,7 +90,9 @@ async def test_a_job_taken_straight_from_the_webhook_is_fenced_too(pool: asyncpg
     await anyio.sleep(0.2)
     assert await b.take_over(10) == [fresh.id]
     with pytest.raises(LeaseLost):
-        await a.finish(with_result(fresh.job, {"n": 1}), "delivered", with_result=True)
+        await a.save_result(with_result(fresh.job, {"n": 1}))
+    with pytest.raises(LeaseLost):
+        await a.finish(fresh.job, "delivered")
 
     a = store(pool, "a")
     async with anyio.create_task_group() as tg:
@@ -99,7 +101,8 @@ async def test_a_job_taken_straight_from_the_webhook_is_fenced_too(pool: asyncpg
         tg.cancel_scope.cancel()
     assert kept.job is not None
     kept.job.attempts_query, kept.job.attempts_delivery = 1, 1
-    await a.finish(with_result(kept.job, {"n": 2}), "delivered", with_result=True)
+    await a.save_result(with_result(kept.job, {"n": 2}))
+    await a.finish(kept.job, "delivered")
     row = await a.get(kept.id)
     assert row is not None and (row.status, row.result) == ("delivered", {"n": 2})
     assert (row.attempts_query, row.attempts_delivery) == (1, 1)
