@@ -376,7 +376,7 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
     headers = [(b"location", f"/tasks/{task_id}".encode())]
     if not inserted.created:
         service.queue.cancel()
-        return Answer(200, ENCODER.encode(Accepted(taskId=task_id)), headers)
+        return Answer(200, await _repeat_answer(service, inserted.id), headers)
     wait_s = _prefer_wait_s(incoming.prefer, config.server.max_wait_s)
     waiter = service.waiters.register(inserted.id) if wait_s > 0 else None
     service.queue.push(inserted.id, inserted.job)
@@ -394,6 +394,19 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
         if document is not None:
             return Answer(200, ENCODER.encode(document), headers)
     return Answer(202, ENCODER.encode(Accepted(taskId=task_id)), headers)
+
+
+async def _repeat_answer(service: Service, job_id: uuid.UUID) -> bytes:
+    """The body for a repeated Idempotency-Key: the task document if the job was answered
+    inline (it is never pushed, so a caller whose first answer was lost on the way must
+    get the result again), else the usual acceptance."""
+    try:
+        job = await service.store.get(job_id)
+    except StoreError:
+        job = None
+    if job is not None and job.status == "answered":
+        return ENCODER.encode(job.document())
+    return ENCODER.encode(Accepted(taskId=str(job_id)))
 
 
 async def _wait_inline(

@@ -377,6 +377,24 @@ async def test_prefer_wait_answers_200_with_the_result_and_nothing_is_pushed(
     assert len(state.received) == 1
 
 
+async def test_a_repeated_inline_request_gets_the_answer_again(
+    service_factory: Any, sim: tuple[SimState, str]
+) -> None:
+    """The flow retries an inline request (its first 200 was lost on the way) with the
+    same Idempotency-Key: the answered job is never pushed, so the repeat must carry the
+    answer again, not just the taskId."""
+    state, _ = sim
+    headers = {"Prefer": "wait=5", "Idempotency-Key": "inline-retry-1"}
+    async with service_factory() as svc:
+        first = await svc.post(body(conversationId="inline-retry"), headers=headers)
+        assert first.status_code == 200 and first.json()["status"] == "answered", first.text
+        again = await svc.post(body(conversationId="inline-retry"), headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    assert again.headers["location"] == first.headers["location"]
+    assert state.received == []
+
+
 async def test_a_slow_query_with_a_short_wait_answers_202_and_is_delivered(
     service_factory: Any, sim: tuple[SimState, str]
 ) -> None:
