@@ -6,7 +6,9 @@ import asyncio
 import atexit
 import logging
 import sys
+import threading
 import time
+import traceback
 from collections.abc import MutableMapping
 from typing import Any, BinaryIO
 
@@ -78,12 +80,14 @@ class _BatchedWriter:
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
         self._lines: list[bytes] = []
+        self._lock = threading.Lock()  # a library may log from a thread of its own
         atexit.register(self.flush)
 
     def msg(self, message: bytes) -> None:
-        self._lines.append(message)
-        if len(self._lines) > 1:
-            return  # a flush is already scheduled
+        with self._lock:
+            self._lines.append(message)
+            if len(self._lines) > 1:
+                return  # a flush is already scheduled
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -94,15 +98,35 @@ class _BatchedWriter:
     debug = info = warning = warn = error = err = critical = exception = log = msg
 
     def flush(self) -> None:
-        if not self._lines:
-            return
-        data = b"\n".join(self._lines) + b"\n"
-        self._lines.clear()
+        with self._lock:
+            if not self._lines:
+                return
+            data = b"\n".join(self._lines) + b"\n"
+            self._lines.clear()
         try:
             self._file.write(data)
             self._file.flush()
         except (OSError, ValueError):  # stderr closed or gone: nowhere left to write
             pass
+
+
+class _StdlibJson(logging.Handler):
+    """uvicorn's and asyncpg's own records as the same JSON lines: a traceback (asyncpg
+    logs one every few seconds while PostgreSQL is down) goes into the line's
+    ``exception`` field instead of onto two dozen lines that break ``jq``."""
+
+    def __init__(self, writer: _BatchedWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event: dict[str, Any] = {"event": record.getMessage(), "logger": record.name}
+            if record.exc_info:
+                event["exception"] = "".join(traceback.format_exception(*record.exc_info))
+            self._writer.msg(_json_line(None, record.levelname.lower(), event))
+        except Exception:
+            self.handleError(record)
 
 
 def configure(log_format: str = "auto", level: str = "info") -> None:
@@ -133,4 +157,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     # uvicorn and asyncpg log through the standard library: keep them at warning and up.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    if use_console:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, handlers=[_StdlibJson(writer)])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import logging
 
 import msgspec
 import pytest
 
-from cognigy_offload.logs import _BatchedWriter, _json_line, _timestamp
+from cognigy_offload.logs import _BatchedWriter, _json_line, _StdlibJson, _timestamp
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,26 @@ def test_lines_logged_in_one_loop_turn_are_written_together_in_order() -> None:
     before = asyncio.run(turn())
     assert before == b"outside\n"
     assert out.getvalue() == b"outside\nline 0\nline 1\nline 2\n"
+
+
+def test_a_library_record_with_a_traceback_is_one_json_line() -> None:
+    """asyncpg's pool warnings while PostgreSQL is down: one JSON line each, with the
+    traceback inside it, never a multi-line plain-text dump."""
+    out = io.BytesIO()
+    handler = _StdlibJson(_BatchedWriter(out))
+    logger = logging.getLogger("asyncpg.pool.test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ConnectionRefusedError("connection refused")
+        except ConnectionRefusedError:
+            logger.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    record = msgspec.json.decode(lines[0])
+    assert record["level"] == "warning" and record["logger"] == "asyncpg.pool.test"
+    assert record["event"].startswith("Failed to restore")
+    assert "ConnectionRefusedError" in record["exception"]
