@@ -43,7 +43,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) -m cognigy_offload bench
+	$(PY) -m cognigy_offload bench $(ARGS)
 
 serve: $(STAMP)
 	$(PY) -m cognigy_offload serve

@@ -111,7 +111,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "systemd-unit":
         from .systemd import render_unit
 
-        print(render_unit(find_config_path(args.config)))
+        path = find_config_path(args.config)
+        if not path.exists():
+            print(f"note: {path} does not exist yet; the unit needs it to start", file=sys.stderr)
+        print(render_unit(path))
         return 0
     raise AssertionError(args.command)
 
@@ -257,7 +260,7 @@ async def _jobs(args: argparse.Namespace) -> int:
             return 1
         step = "re-delivered from its stored result" if retried.result else "run again"
         print(
-            f"{retried.id}: queued again; it will be {step} by a running service "
+            f"{retried.id}: {retried.status} again; it will be {step} by a running service "
             f"within queue.sweep_interval_s ({config.queue.sweep_interval_s:g} s)"
         )
         return 0

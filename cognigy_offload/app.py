@@ -212,6 +212,7 @@ async def run_service(
                     log.info(
                         "service.started",
                         instance=instance_id,
+                        listening=f"http://{config.server.host}:{config.server.port}",
                         workers=config.queue.workers,
                         queries=sorted(catalog.queries),
                     )

@@ -41,7 +41,7 @@ STORE_WAIT_S = 1.0
 # wait=<seconds> (RFC 7240), quoted or not, ending where the preference ends: "wait=1e9"
 # or "wait=5x" is not a wait of 1 or 5 seconds.
 _PREFER_WAIT = re.compile(
-    r"(?:^|[,;\s])wait\s*=\s*(\"?)(\d{1,6}(?:\.\d{1,6})?)\1\s*(?:$|[,;])", re.IGNORECASE
+    r"(?:^|[,;\s])wait\s*=\s*(\"?)(\d{1,30}(?:\.\d{1,6})?)\1\s*(?:$|[,;])", re.IGNORECASE
 )
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")

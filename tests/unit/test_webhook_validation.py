@@ -417,6 +417,7 @@ class TestPreferWait:
             ('wait="2.5"', 2.5),
             ("WAIT = 4; foo", 4.0),
             ("wait=100", 10.0),  # capped
+            ("wait=99999999999999999999999", 10.0),  # a long number is capped too
             ("wait=1e9", 0.0),  # not delta-seconds: ignored, not read as 1
             ("wait=5x", 0.0),
             ("wait=-1", 0.0),
