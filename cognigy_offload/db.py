@@ -160,7 +160,11 @@ async def connection(
     A connection that failed as "unavailable" is terminated, so the pool opens a fresh
     one instead of handing the broken one to the next caller.
     """
-    async with pool.acquire(timeout=acquire_timeout_s) as conn:
+    # With a connection free the acquire cannot wait: skip the timeout, which asyncpg runs
+    # as a task of its own (a fifth of the acquire's CPU). A new connection that has to be
+    # opened instead is bounded by the pool's connect timeout.
+    timeout = None if pool.get_idle_size() > 0 else acquire_timeout_s
+    async with pool.acquire(timeout=timeout) as conn:
         try:
             yield conn
         except UNAVAILABLE_ERRORS:
