@@ -238,6 +238,23 @@ class TestReport:
         assert table[0].startswith("measure")
         assert any(line.endswith("MISS") for line in table)
 
+    def test_repeated_windows_report_the_median_run_and_every_figure(self) -> None:
+        """Three windows: the middle one is reported, whole (its own latencies and CPU), and
+        the table shows all three rates with their steal."""
+        runs = [_load(2700, 40), _load(4300, 21), _load(3500, 30)]
+        runs[0]["cpu"]["steal_pct"] = 29.0
+        chosen = bench.median_run(runs, "per_s")
+        assert (chosen["per_s"], chosen["p99_ms"]) == (3500, 30)
+        assert chosen["runs"] == [2700, 4300, 3500]
+        assert chosen["runs_steal_pct"] == [29.0, 10.0, 10.0]
+        assert bench.median_run(runs[:1], "per_s") == runs[0]  # one window: as measured
+        results = _results()
+        results["accept"]["levels"]["64"]["service"] = chosen
+        results["accept"]["levels"]["64"]["bare"] = bench.median_run(runs, "per_s")
+        rows = {row.measure: row for row in bench.report_rows(results)}
+        text = rows["1 accept c=64 runs"].measured
+        assert "2,700 / 4,300 / 3,500 (steal 29 / 10 / 10%)" in text
+
 
 @pytest.mark.anyio
 async def test_the_load_generator_measures_a_real_server() -> None:
