@@ -202,7 +202,7 @@ async def run_service(
                 breaker_state=lambda: deliverer.breaker.state,
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(store.run_committer)
+                await tg.start(store.run_committer)
                 await workers.sweep(startup=True)
                 async with anyio.create_task_group() as pool_tg:
                     for _ in range(config.queue.workers):

@@ -1619,6 +1619,7 @@ class _WithStats:
         body = msgspec.json.encode(
             {
                 "batches": service.store.batches,
+                "write_batches": service.store.write_batches,
                 "runs": service.executor.runs,
                 "queue_depth": service.queue.depth,
                 "accepted": int(accepted or 0),

@@ -113,7 +113,8 @@ async def create_pool(
     """An asyncpg pool whose connections carry the statement timeout; refuses at once if down.
 
     ``read_only``: every statement runs in a read-only transaction of its own
-    (default_transaction_read_only), without a BEGIN READ ONLY / COMMIT round trip each.
+    (default_transaction_read_only), without a BEGIN READ ONLY / COMMIT round trip each;
+    otherwise (the job table) statements run on generic plans.
     ``size``: (min, max) connections; (0, 0) means pool_min and pool_max.
     """
     min_size, max_size = size if size != (0, 0) else (config.pool_min, config.pool_max)
@@ -123,6 +124,12 @@ async def create_pool(
     }
     if read_only:
         settings["default_transaction_read_only"] = "on"
+    else:
+        # The job table's statements are short and keyed by id or status: the plan never
+        # depends on the values, and planning an UPDATE ... FROM unnest() anew on every
+        # execution (PostgreSQL's choice for its first five, and again whenever a custom
+        # plan looks cheaper) costs more than running it. The queries keep custom plans.
+        settings["plan_cache_mode"] = "force_generic_plan"
     try:
         pool = await asyncpg.create_pool(
             dsn,

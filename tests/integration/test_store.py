@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 import pytest
 
-from cognigy_offload.errors import LeaseLost
+from cognigy_offload.errors import LeaseLost, StoreError
 from cognigy_offload.models import Job, Target
 from cognigy_offload.store import NewJob, Store
 
@@ -148,3 +148,98 @@ async def test_group_commit_shares_inserts(pool: asyncpg.Pool) -> None:
     assert a.batches < 50
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM cognigy_offload_jobs") == 50
+
+
+async def held_jobs(s: Store, count: int) -> list[Job]:
+    """``count`` jobs inserted by ``s`` and held by it at epoch 0, as a worker gets them."""
+    target = Target(mode="context", userId="u", sessionId="s")
+    jobs: list[Job] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(s.run_committer)
+        for _ in range(count):
+            inserted = await s.insert(NewJob(uuid.uuid4(), "revenue", b"{}", target, None, None))
+            assert inserted.job is not None
+            jobs.append(inserted.job)
+        tg.cancel_scope.cancel()
+    return jobs
+
+
+async def test_concurrent_worker_writes_share_statements(pool: asyncpg.Pool) -> None:
+    """Result checkpoints and final states written at the same moment go out in fewer
+    statements than writes, and every row gets its own values."""
+    a = store(pool, "a")
+    await a.migrate()
+    jobs = await held_jobs(a, 30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run_committer)
+
+        async def work(job: Job, n: int) -> None:
+            job.attempts_query, job.attempts_delivery = 1, n
+            await a.save_result(with_result(job, {"n": n}))
+            await a.finish(job, "delivered")
+
+        async with anyio.create_task_group() as inner:
+            for n, job in enumerate(jobs):
+                inner.start_soon(work, job, n)
+        tg.cancel_scope.cancel()
+    assert a.write_batches < 2 * len(jobs)
+    for n, job in enumerate(jobs):
+        row = await a.get(job.id)
+        assert row is not None
+        assert (row.status, row.result, row.attempts_delivery) == ("delivered", {"n": n}, n)
+
+
+async def test_a_stale_write_in_a_batch_fails_alone(pool: asyncpg.Pool) -> None:
+    """A batch mate whose lease was taken over gets LeaseLost; the others are written."""
+    a, b = store(pool, "a", lease_s=0.1), store(pool, "b")
+    await a.migrate()
+    jobs = await held_jobs(a, 6)
+    await anyio.sleep(0.2)  # a's leases lapse ...
+    stolen = jobs[0]
+    assert stolen.id in await b.take_over(1)  # ... and b takes the oldest one
+    outcomes: dict[uuid.UUID, str] = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run_committer)
+
+        async def finish(job: Job) -> None:
+            try:
+                await a.finish(job, "delivered")
+                outcomes[job.id] = "written"
+            except LeaseLost:
+                outcomes[job.id] = "lease_lost"
+
+        async with anyio.create_task_group() as inner:
+            for job in jobs:
+                inner.start_soon(finish, job)
+        tg.cancel_scope.cancel()
+    assert outcomes.pop(stolen.id) == "lease_lost"
+    assert set(outcomes.values()) == {"written"}
+    assert a.write_batches < len(jobs)  # they did share statements
+    row = await b.get(stolen.id)
+    assert row is not None and row.status == "queued"
+
+
+async def test_a_row_postgresql_refuses_does_not_fail_its_batch_mates(pool: asyncpg.Pool) -> None:
+    """When PostgreSQL refuses one row of a shared statement, each row is written alone:
+    only the bad one fails."""
+    a = store(pool, "a")
+    await a.migrate()
+    jobs = await held_jobs(a, 5)
+    outcomes: dict[uuid.UUID, str] = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run_committer)
+
+        async def save(job: Job, result: str) -> None:
+            try:
+                await a._write("save", job, result, dt.datetime.now(dt.UTC), 1, 0)
+                outcomes[job.id] = "written"
+            except StoreError:
+                outcomes[job.id] = "refused"
+
+        async with anyio.create_task_group() as inner:
+            for n, job in enumerate(jobs):
+                inner.start_soon(save, job, "{not json" if n == 2 else '{"n": 1}')
+        tg.cancel_scope.cancel()
+    assert outcomes.pop(jobs[2].id) == "refused"
+    assert set(outcomes.values()) == {"written"}
+    assert a.write_batches > len(jobs)  # one shared statement, refused, then one each
