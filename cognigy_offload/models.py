@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import threading
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any, Literal
@@ -14,6 +16,31 @@ Status = Literal["queued", "running", "delivering", "delivered", "answered", "fa
 Mode = Literal["context", "inject", "notify", "variables"]
 
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+# new_task_id: random version-4 UUIDs from one os.urandom() call per 256 ids. The same
+# bytes as uuid.uuid4() (os.urandom), at under half its CPU: no system call and no
+# UUID.__init__ checks per id, which is a webhook's id on the accept path.
+_RANDOM: list[Any] = [b"", 0]
+_RANDOM_LOCK = threading.Lock()
+_VERSION_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_VERSION_4 = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_task_id() -> uuid.UUID:
+    """A random (version 4, RFC 4122 variant) UUID, as uuid.uuid4() makes; never the same
+    bytes twice, from any thread."""
+    with _RANDOM_LOCK:
+        buffer, at = _RANDOM
+        if at >= len(buffer):
+            buffer, at = os.urandom(4096), 0
+            _RANDOM[0] = buffer
+        _RANDOM[1] = at + 16
+    value = (int.from_bytes(buffer[at : at + 16]) & _VERSION_CLEAR) | _VERSION_4
+    task_id = object.__new__(uuid.UUID)
+    object.__setattr__(task_id, "int", value)
+    object.__setattr__(task_id, "is_safe", uuid.SafeUUID.unknown)
+    return task_id
 
 
 class WebhookRequest(msgspec.Struct, kw_only=True):

@@ -25,7 +25,15 @@ from .errors import RequestError, StoreError, StoreUnavailable
 from .inline import InlineWaiters
 from .jobqueue import JobQueue, QueueFull
 from .metrics import Metrics
-from .models import ENCODER, EXACT_DECODER, WEBHOOK_DECODER, Accepted, ErrorBody, Target
+from .models import (
+    ENCODER,
+    EXACT_DECODER,
+    WEBHOOK_DECODER,
+    Accepted,
+    ErrorBody,
+    Target,
+    new_task_id,
+)
 from .queries import Catalog, Executor
 from .store import NewJob, Store, digest
 
@@ -342,7 +350,7 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
             headers={"Retry-After": RETRY_AFTER_FULL_S},
         ) from None
     new = NewJob(
-        id=uuid.uuid4(),
+        id=new_task_id(),
         query=query.name,
         variables=ENCODER.encode(payload.variables),
         target=target,

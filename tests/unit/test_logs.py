@@ -14,15 +14,25 @@ from cognigy_offload.logs import _BatchedWriter, _json_line, _StdlibJson, _times
 
 
 @pytest.mark.parametrize(
-    "now", [0.0, 1796325421.000001, 1796325421.5, 1796325421.999999, 1796325421.9999996]
+    "now_ns",
+    [0, 1796325421_000001000, 1796325421_500000000, 1796325421_999999000, 1796325421_999999999],
 )
-def test_the_timestamp_is_utc_iso_8601_to_the_microsecond(now: float) -> None:
-    """The cached-second timestamp says the same instant as datetime does."""
-    text = _timestamp(now)
+def test_the_timestamp_is_utc_iso_8601_to_the_microsecond(now_ns: int) -> None:
+    """The cached-second timestamp says the same instant as datetime does (truncated to
+    the microsecond, never rounded into the next second)."""
+    text = _timestamp(now_ns)
     assert text.endswith("Z") and len(text) == len("2026-12-03T10:00:00.000000Z")
     parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    assert abs(parsed.timestamp() - now) <= 1e-6
-    assert int(parsed.timestamp()) == int(now)  # never rounded into the next second
+    expected = dt.datetime.fromtimestamp(now_ns // 1000 / 1e6, dt.UTC)
+    assert parsed == expected.replace(microsecond=now_ns // 1000 % 1_000_000)
+
+
+@pytest.mark.parametrize("key", ["password", "Authorization", "X-API-Key", "CLIENT_SECRET"])
+def test_a_secret_named_field_is_redacted_in_any_case(key: str) -> None:
+    """The fast check for 'no secret here' still catches every spelling of a secret key."""
+    line = _json_line(None, "info", {"event": "x", "query": "q", key: "s3cr3t"})
+    assert b"s3cr3t" not in line
+    assert msgspec.json.decode(line)[key] == "<redacted>"
 
 
 def test_a_line_has_level_timestamp_and_no_secret() -> None:

@@ -216,3 +216,27 @@ def test_a_body_at_the_limit_is_built() -> None:
     size = len(build_request(config(), target("context"), RESULT, TASK, TS).body)
     out = build_request(config(max_payload_bytes=size), target("context"), RESULT, TASK, TS)
     assert len(out.body) == size
+
+
+def test_new_task_ids_are_random_version_4_uuids_never_repeated() -> None:
+    """new_task_id (the accept path's cheaper uuid4) gives valid, distinct version-4 ids,
+    also when threads ask at the same time."""
+    import threading
+    import uuid
+
+    from cognigy_offload.models import new_task_id
+
+    seen: list[uuid.UUID] = []
+
+    def take() -> None:
+        seen.extend(new_task_id() for _ in range(5_000))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen)) == len(seen) == 20_000
+    for task_id in seen[::997]:
+        assert task_id.version == 4 and task_id.variant == uuid.RFC_4122
+        assert uuid.UUID(str(task_id)) == task_id and hash(uuid.UUID(str(task_id))) == hash(task_id)
