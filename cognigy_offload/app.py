@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from . import db, http1, openapi, web
+from .bodytimeout import BodyDeadlines
 from .cognigy import Deliverer
 from .config import Config, Secrets
 from .errors import ConfigError, OffloadError
@@ -191,6 +192,7 @@ async def run_service(
                 metrics=metrics,
                 instance_name=name,
             )
+            deadlines = BodyDeadlines(web.BODY_TIMEOUT_S)
             service = web.Service(
                 config=config,
                 store=store,
@@ -200,9 +202,11 @@ async def run_service(
                 metrics=metrics,
                 executor=executor,
                 breaker_state=lambda: deliverer.breaker.state,
+                body_deadlines=deadlines,
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(store.run_committer)
+                tg.start_soon(deadlines.run)
                 await workers.sweep(startup=True)
                 async with anyio.create_task_group() as pool_tg:
                     for _ in range(config.queue.workers):

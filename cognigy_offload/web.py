@@ -5,6 +5,7 @@ Every refusal is the JSON error shape; no input a client can send gives a 500.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import uuid
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .bodytimeout import BodyDeadlines
 from .config import Config
 from .errors import RequestError, StoreError, StoreUnavailable
 from .inline import InlineWaiters
@@ -46,6 +48,9 @@ MAX_IDEMPOTENCY_KEY = 255
 RETRY_AFTER_FULL_S = "2"
 RETRY_AFTER_DOWN_S = "5"
 STORE_WAIT_S = 1.0
+# A Cognigy HTTP Request node sends its body at once and gives up after 8 to 15 s: a body
+# still arriving after 15 s is a stalled or hostile client, answered 408 and disconnected.
+BODY_TIMEOUT_S = 15.0
 # wait=<seconds> (RFC 7240), quoted or not, ending where the preference ends: "wait=1e9"
 # or "wait=5x" is not a wait of 1 or 5 seconds.
 _PREFER_WAIT = re.compile(
@@ -74,6 +79,7 @@ class Service:
     executor: Executor
     breaker_state: Callable[[], str] = lambda: "closed"
     draining: bool = False
+    body_deadlines: BodyDeadlines | None = None
 
 
 def error_response(
@@ -161,8 +167,14 @@ def _error_body(code: str, detail: str, where: str | None = None) -> bytes:
     return ENCODER.encode(ErrorBody(error=code, detail=detail, field=where))
 
 
-async def read_body(content_length: str | None, receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+async def read_body(
+    content_length: str | None,
+    receive: Receive,
+    limit: int,
+    deadlines: BodyDeadlines | None = None,
+) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes, and
+    with 408 if it is not complete within the ``deadlines``' limit."""
     if content_length is not None:
         digits = content_length.strip()
         # isdigit() alone passes "²", which int() refuses: only ASCII digits are a length.
@@ -172,6 +184,24 @@ async def read_body(content_length: str | None, receive: Receive, limit: int) ->
         digits = digits.lstrip("0") or "0"
         if len(digits) > len(str(limit)) or int(digits) > limit:
             raise _too_large(limit)
+    reader = deadlines.begin() if deadlines is not None else None
+    try:
+        return await _read_chunks(receive, limit)
+    except asyncio.CancelledError:
+        if deadlines is not None and deadlines.expired(reader):
+            raise RequestError(
+                408,
+                "request_timeout",
+                f"The body did not arrive within {deadlines.limit_s:g} s.",
+                headers={"Connection": "close"},
+            ) from None
+        raise
+    finally:
+        if deadlines is not None:
+            deadlines.end(reader)
+
+
+async def _read_chunks(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -321,7 +351,9 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
             headers={"Retry-After": RETRY_AFTER_FULL_S},
         )
     _check_content_type(incoming.content_type)
-    body = await read_body(incoming.content_length, receive, config.server.max_body_bytes)
+    body = await read_body(
+        incoming.content_length, receive, config.server.max_body_bytes, service.body_deadlines
+    )
     payload = decode_webhook(body)
     if len(payload.variables) > MAX_VARIABLES:
         raise RequestError(

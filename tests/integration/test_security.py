@@ -11,7 +11,7 @@ import json
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,7 +202,19 @@ def request_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
 
-async def push_body(port: int, head: bytes, chunks: Iterable[bytes]) -> tuple[int | None, int]:
+async def as_async(chunks: Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Iterate plain or async chunks alike."""
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
+
+
+async def push_body(
+    port: int, head: bytes, chunks: Iterable[bytes] | AsyncIterable[bytes]
+) -> tuple[int | None, int]:
     """Send ``head`` then every chunk, ignoring the answer, until done or the server stops.
 
     Returns the answer's status (None: closed without one) and how many body bytes went
@@ -216,7 +228,7 @@ async def push_body(port: int, head: bytes, chunks: Iterable[bytes]) -> tuple[in
             nonlocal sent
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await conn.send(head)
-                for chunk in chunks:
+                async for chunk in as_async(chunks):
                     await conn.send(chunk)
                     sent += len(chunk)
             done.set()
@@ -905,3 +917,58 @@ async def test_a_webhook_answered_503_leaves_no_job_behind(
         later = await svc.post(body(userId="after-the-table-is-free"))
         assert later.status_code == 202, later.text
         assert await job_rows(database) == 1
+
+
+# -- 7. slow clients ----------------------------------------------------------------------
+
+
+async def test_a_body_that_stalls_or_trickles_gets_408_and_the_connection_closed(
+    service_factory: Any, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends its headers and then too little of its body, or trickles a
+    chunked body past the deadline, is answered 408 in the error shape and its connection
+    closed (no task, socket or queue slot held for it); nothing is stored. A complete
+    body on the same service is still accepted."""
+    monkeypatch.setattr("cognigy_offload.web.BODY_TIMEOUT_S", 0.6)
+    payload = json.dumps(body()).encode()
+    stalled = request_bytes(WEBHOOK, payload, {"Content-Length": str(len(payload) + 50)})
+
+    def trickle(count: int) -> Iterable[bytes]:
+        for _ in range(count):
+            yield b"1\r\n \r\n"
+
+    trickled_head = request_bytes(WEBHOOK, b"", {"Transfer-Encoding": "chunked"}).replace(
+        b"Content-Length: 0\r\n", b""
+    )
+    async with service_factory() as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        for name, head in [
+            ("headers only", request_bytes(WEBHOOK, b"", {"Content-Length": "100"})),
+            ("body 50 bytes short", stalled),
+        ]:
+            started = time.monotonic()
+            async with RawHttp.connect(port) as conn:
+                await conn.send(head)
+                with anyio.fail_after(10):
+                    answer = await conn.response()
+                    assert answer is not None, name
+                    assert answer.status == 408, (name, answer)
+                    assert json.loads(answer.body)["error"] == "request_timeout"
+                    assert answer.headers.get("connection") == "close"
+                    assert await conn.response() is None  # the server closed the connection
+            assert 0.5 < time.monotonic() - started < 5, name
+        # A chunked body that keeps trickling a byte every 50 ms never completes in time.
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            status, _ = await push_body(port, trickled_head, slowly(trickle(200), 0.05))
+        assert status == 408 and 0.5 < time.monotonic() - started < 5
+        answer_ok = await running.client.post(WEBHOOK, json=body())
+        assert answer_ok.status_code == 202
+    assert await job_rows(database) == 1
+
+
+async def slowly(chunks: Iterable[bytes], pause_s: float) -> AsyncIterator[bytes]:
+    """The chunks with a pause before each."""
+    for chunk in chunks:
+        await anyio.sleep(pause_s)
+        yield chunk
