@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -188,9 +189,34 @@ def parse_config(data: dict[str, Any]) -> Config:
     return config
 
 
+# Seconds (or milliseconds) beyond this are a typo, and PostgreSQL's intervals and the
+# event loop's timers cannot hold much more: about 31 years.
+MAX_NUMBER = 1e9
+
+
+def _numbers(value: msgspec.Struct, prefix: str) -> list[tuple[str, float]]:
+    """Every float setting below a config struct, by its dotted key."""
+    found: list[tuple[str, float]] = []
+    for name in value.__struct_fields__:
+        item = getattr(value, name)
+        if isinstance(item, msgspec.Struct):
+            found += _numbers(item, f"{prefix}{name}.")
+        elif isinstance(item, dict):
+            for key, entry in item.items():
+                if isinstance(entry, msgspec.Struct):
+                    found += _numbers(entry, f"{prefix}{name}.{key}.")
+        elif isinstance(item, float):
+            found.append((f"{prefix}{name}", item))
+    return found
+
+
 def validate_values(config: Config) -> list[str]:
     """Check value ranges that the types alone cannot express."""
-    problems: list[str] = []
+    problems: list[str] = [
+        f"{key}: must be a finite number of at most {MAX_NUMBER:.0e}, got {value}"
+        for key, value in _numbers(config, "")
+        if not math.isfinite(value) or abs(value) > MAX_NUMBER
+    ]
     positive = {
         "server.port": config.server.port,
         "server.max_body_bytes": config.server.max_body_bytes,

@@ -92,3 +92,40 @@ def test_missing_and_broken_files_are_named(tmp_path: Path) -> None:
     broken.write_text("[server\nport = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken, environ={})
+
+
+NUMBER_KEYS = [
+    ("server", "max_wait_s"),
+    ("server", "shutdown_grace_s"),
+    ("queue", "job_deadline_s"),
+    ("queue", "lease_s"),
+    ("queue", "sweep_interval_s"),
+    ("queue", "retention_s"),
+    ("queue", "group_commit_ms"),
+    ("database", "connect_timeout_s"),
+    ("cognigy", "request_timeout_s"),
+    ("cognigy", "backoff_max_s"),
+    ("cognigy", "breaker_cooldown_s"),
+]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e300"])
+@pytest.mark.parametrize(("section", "key"), NUMBER_KEYS)
+def test_a_number_that_is_not_finite_or_absurd_stops_start_up_naming_the_key(
+    section: str, key: str, raw: str
+) -> None:
+    """nan, inf and 1e300 pass a float type check but break serve later (a crash, or an
+    interval PostgreSQL refuses on every webhook): they are config errors, by key, as set
+    through the environment."""
+    env = {f"COGNIGY_OFFLOAD__{section.upper()}__{key.upper()}": raw}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(apply_env_overrides({}, env))
+    assert any(problem.startswith(f"{section}.{key}:") for problem in caught.value.problems), (
+        caught.value.problems
+    )
+
+
+def test_a_query_cache_ttl_must_be_finite() -> None:
+    data = {"queries": {"q": {"sql": "SELECT 1", "params": [], "cache_ttl_s": float("inf")}}}
+    with pytest.raises(ConfigError, match=r"queries\.q\.cache_ttl_s"):
+        parse_config(data)
