@@ -22,6 +22,17 @@ from .errors import ConfigError, OffloadError
 from .models import ENCODER
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cognigy_offload",
@@ -49,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         "--status",
         choices=["queued", "running", "delivering", "delivered", "answered", "failed", "expired"],
     )
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument(
+        "--limit", type=_positive_int, default=50, help="at most this many (1 or more)"
+    )
     with_config(jobs_sub.add_parser("show", help="one job in full")).add_argument("id")
     with_config(
         jobs_sub.add_parser(
