@@ -89,6 +89,10 @@ class Workers:
         self.unshown: dict[uuid.UUID, tuple[str, float]] = {}
         self.idle = anyio.Event()
         self.idle.set()
+        # Until a sweep finds none left, jobs an earlier run of this instance (same
+        # host:port, so surely dead: this one holds the port) left behind are taken back
+        # without waiting for their leases; the start-up sweep alone takes what fits.
+        self.reclaiming = True
 
     # -- the worker loop ------------------------------------------------------------------
 
@@ -313,9 +317,11 @@ class Workers:
             await self.store.heartbeat([*self.queue.waiting(), *self.active])
         # No slots are reserved while the database answers, so webhooks arriving meanwhile
         # are not refused; what no longer fits afterwards is handed back at once.
-        taken = await self.store.take_over(
-            self.queue.free, previous_prefix=f"{self.instance_name}:" if startup else None
-        )
+        limit = self.queue.free
+        prefix = f"{self.instance_name}:" if startup or self.reclaiming else None
+        taken = await self.store.take_over(limit, previous_prefix=prefix)
+        if prefix is not None and limit > 0:
+            self.reclaiming = len(taken) >= limit  # a full take: more may be left
         free = self.queue.free  # the queue may have filled up or closed meanwhile
         fits, rest = taken[:free], taken[free:]
         if rest:

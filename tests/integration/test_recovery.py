@@ -10,6 +10,7 @@ import collections
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,9 +20,14 @@ import asyncpg
 import httpx
 import pytest
 
+from cognigy_offload.app import build_app
+from cognigy_offload.config import parse_config
+from cognigy_offload.models import Target
+from cognigy_offload.serving import run_uvicorn
 from cognigy_offload.sim import Fault, SimState
+from cognigy_offload.store import NewJob, Store
 from tests.conftest import ROOT
-from tests.integration.conftest import AUTH, Process, body
+from tests.integration.conftest import AUTH, SECRETS, Process, body, config_data
 
 pytestmark = pytest.mark.anyio
 
@@ -571,3 +577,36 @@ class TestSeveralInstances:
         assert (await statuses(database)) == {"delivered": 6}
         assert set(deliveries_per_task(state)) == set(ids)
         assert "jobs.recovered" in b.output()
+
+
+async def test_a_restart_takes_back_more_of_its_jobs_than_the_queue_holds_without_the_lease(
+    database: str, sim: tuple[SimState, str]
+) -> None:
+    """An earlier run of this instance (same host:port) left more unfinished jobs than
+    queue.capacity: the start-up sweep takes what fits and the next sweeps take the rest
+    as room frees up, instead of leaving them until their (here 10 min) lease lapses."""
+    name = "recovery-host:4321"
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        earlier = Store(pool, instance_id=f"{name}:99999:dead", lease_s=600, deadline_s=1500)
+        await earlier.migrate()
+        target = Target(mode="context", userId="u", sessionId="s")
+        variables = json.dumps(body()["variables"]).encode()
+        async with anyio.create_task_group() as tg:
+            await tg.start(earlier.run_committer)
+            for _ in range(12):
+                await earlier.insert(NewJob(uuid.uuid4(), "revenue", variables, target, None, None))
+            tg.cancel_scope.cancel()
+    finally:
+        await pool.close()
+    state, sim_url = sim
+    config = parse_config(
+        config_data(sim_url, queue={"capacity": 5, "workers": 2, "sweep_interval_s": 0.2})
+    )
+    app = build_app(config, SECRETS, dsn=database, name=name)
+    async with run_uvicorn(app):
+        with anyio.fail_after(20):
+            await wait_all_final(database, 12, timeout_s=20)
+    counts = await statuses(database)
+    assert counts == {"delivered": 12}, counts
+    assert len(state.received) >= 12
