@@ -73,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a short run")
     bench.add_argument("--output", default=None, help="where to write the JSON results")
     with_config(sub.add_parser("systemd-unit", help="print a systemd unit for this install"))
+    stand_in = sub.add_parser(
+        "stand-in",
+        help="a local Cognigy stand-in on 127.0.0.1 that prints each delivery it receives",
+    )
+    stand_in.add_argument("--port", type=_positive_int, default=8090)
+    stand_in.add_argument(
+        "--client-id",
+        default="your-client-id",
+        help="the OAuth2 client id it accepts (default: the shipped config's); the secret "
+        "is $COGNIGY_CLIENT_SECRET and the API key $COGNIGY_API_KEY, as the service reads them",
+    )
     return parser
 
 
@@ -129,7 +140,48 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"note: {path} does not exist yet; the unit needs it to start", file=sys.stderr)
         print(render_unit(path))
         return 0
+    if args.command == "stand-in":
+        return _stand_in(args)
     raise AssertionError(args.command)
+
+
+def _stand_in(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from .sim import SimState, serve_stand_in
+
+    state = SimState(
+        client_id=args.client_id,
+        client_secret=os.environ.get("COGNIGY_CLIENT_SECRET", "unused"),
+        api_key=os.environ.get("COGNIGY_API_KEY", "unused"),
+    )
+
+    def write(line: bytes) -> None:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+    def ready(url: str) -> None:
+        print(
+            f"Cognigy stand-in on {url}: set COGNIGY_OFFLOAD__COGNIGY__API_URL={url} and "
+            f"COGNIGY_OFFLOAD__COGNIGY__ENDPOINT_URL={url} for the service; Ctrl-C stops it",
+            file=sys.stderr,
+        )
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve_stand_in, state, args.port, write, ready)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+
+    try:
+        anyio.run(run)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 async def _check_config(args: argparse.Namespace) -> int:

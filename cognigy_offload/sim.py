@@ -512,3 +512,29 @@ async def run_sim(state: SimState, host: str = "127.0.0.1", port: int = 0) -> As
             server.should_exit = True
             with anyio.CancelScope(shield=True):
                 await served.wait()
+
+
+async def serve_stand_in(
+    state: SimState,
+    port: int,
+    write: Callable[[bytes], object],
+    ready: Callable[[str], object] | None = None,
+    poll_s: float = 0.1,
+) -> None:
+    """``python -m cognigy_offload stand-in``: serve the stand-in on 127.0.0.1:``port``
+    until cancelled, writing each delivery it receives as one JSON line."""
+    async with run_sim(state, port=port) as url:
+        if ready is not None:
+            ready(url)
+        shown = 0
+        while True:
+            await anyio.sleep(poll_s)
+            for request in state.received[shown:]:
+                line = {
+                    "method": request.method,
+                    "path": request.raw_path,
+                    "status": request.status,
+                    "body": request.body,
+                }
+                write(ENCODER.encode(line) + b"\n")
+            shown = len(state.received)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -392,3 +394,68 @@ async def test_openapi_is_valid_31_and_describes_the_real_answers(
         check((await svc.client.get("/readyz")).json(), "Readiness")
         operations = spec["paths"]["/webhook/cognigy-trigger"]["post"]["responses"]
         assert {"202", "200", "400", "401", "409", "413", "415", "422", "503"} <= operations.keys()
+
+
+async def test_the_stand_in_command_serves_locally_and_prints_each_delivery() -> None:
+    """`python -m cognigy_offload stand-in`: a local Cognigy for trying serve without a
+    tenant. It accepts the shipped config's client id with $COGNIGY_CLIENT_SECRET, prints
+    each delivery as a JSON line, and stops with exit 0 on SIGTERM."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGNIGY")}
+    env["COGNIGY_CLIENT_SECRET"] = "local-secret"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cognigy_offload", "stand-in", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        token = await client.post(
+                            "/auth/oauth2/token",
+                            data={
+                                "grant_type": "client_credentials",
+                                "client_id": "your-client-id",
+                                "client_secret": "local-secret",
+                            },
+                        )
+                        break
+                    except httpx.ConnectError:
+                        await anyio.sleep(0.1)
+            assert token.status_code == 200
+            pushed = await client.post(
+                "/new/v2.0/sessions/s1/context/inject",
+                json={"userId": "u", "context": {"offload": {"total": 1}}},
+                headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+            )
+            assert pushed.status_code == 200
+            wrong = await client.post(
+                "/auth/oauth2/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": "your-client-id",
+                    "client_secret": "other",
+                },
+            )
+            assert wrong.status_code == 401
+        await anyio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert lines == [
+        {
+            "method": "POST",
+            "path": "/new/v2.0/sessions/s1/context/inject",
+            "status": 200,
+            "body": {"userId": "u", "context": {"offload": {"total": 1}}},
+        }
+    ]
+    assert f"http://127.0.0.1:{port}" in err.decode()
