@@ -203,6 +203,7 @@ async def run_service(
                 executor=executor,
                 breaker_state=lambda: deliverer.breaker.state,
                 body_deadlines=deadlines,
+                start_now=workers.start_now,
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(store.run_committer)
@@ -211,6 +212,7 @@ async def run_service(
                 async with anyio.create_task_group() as pool_tg:
                     for _ in range(config.queue.workers):
                         pool_tg.start_soon(workers.run_worker)
+                    workers.lane = pool_tg
                     tg.start_soon(workers.run_sweeper)
                     tg.start_soon(workers.run_marker)
                     log.info(
@@ -233,6 +235,7 @@ async def _drain(
 ) -> None:
     """Stop taking work, give running jobs the grace period, hand back the rest."""
     service.draining = True
+    workers.lane = None  # a webhook still being answered queues its job (handed back below)
     with anyio.CancelScope(shield=True):
         left = service.queue.close()
         try:

@@ -33,6 +33,7 @@ from .models import (
     WEBHOOK_DECODER,
     Accepted,
     ErrorBody,
+    Job,
     Target,
     new_task_id,
 )
@@ -80,6 +81,8 @@ class Service:
     breaker_state: Callable[[], str] = lambda: "closed"
     draining: bool = False
     body_deadlines: BodyDeadlines | None = None
+    # Starts a job at once beside the workers (Workers.start_now); False: queue it.
+    start_now: Callable[[uuid.UUID, Job | None], bool] = lambda job_id, job: False
 
 
 def error_response(
@@ -228,7 +231,8 @@ def decode_webhook(body: bytes) -> Any:
     except msgspec.ValidationError as exc:
         text = str(exc)
         at = _AT.search(text)
-        where = at.group(1) if at else "$"
+        # msgspec writes a value inside an object as `[...]` (no key): name the object.
+        where = at.group(1).split("[...]")[0] if at else "$"
         message = _AT.sub("", text)
         missing = _MISSING.search(message)
         if missing:
@@ -239,6 +243,10 @@ def decode_webhook(body: bytes) -> Any:
             422, "invalid_request", "The JSON is nested too deeply.", "$.variables"
         ) from None
     except msgspec.DecodeError as exc:
+        if not body.strip():
+            raise RequestError(
+                400, "invalid_json", "The body is empty; send the webhook as a JSON object."
+            ) from None
         raise RequestError(400, "invalid_json", f"The body is not valid JSON: {exc}.") from None
 
 
@@ -419,7 +427,10 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
         return Answer(200, await _repeat_answer(service, inserted.id), headers)
     wait_s = _prefer_wait_s(incoming.prefer, config.server.max_wait_s)
     waiter = service.waiters.register(inserted.id) if wait_s > 0 else None
-    service.queue.push(inserted.id, inserted.job)
+    # A waiting caller's job starts at once (it keeps its queue slot until it is done):
+    # no push is needed for its answer, so it must not wait behind the workers.
+    if waiter is None or not service.start_now(inserted.id, inserted.job):
+        service.queue.push(inserted.id, inserted.job)
     service.metrics.jobs_accepted.inc()
     log.info(
         "job.accepted",

@@ -93,6 +93,8 @@ class Workers:
         # host:port, so surely dead: this one holds the port) left behind are taken back
         # without waiting for their leases; the start-up sweep alone takes what fits.
         self.reclaiming = True
+        # The task group jobs started at once run in (start_now), while serving.
+        self.lane: anyio.abc.TaskGroup | None = None
 
     # -- the worker loop ------------------------------------------------------------------
 
@@ -103,18 +105,41 @@ class Workers:
                 job_id, fresh = await self.queue.get()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
-            self.busy += 1
-            if self.busy == 1:
-                self.idle = anyio.Event()
-            self.active.add(job_id)
-            try:
-                await self.process(job_id, fresh)
-            finally:
-                self.active.discard(job_id)
-                self.unshown.pop(job_id, None)
-                self.busy -= 1
-                if self.busy == 0:
-                    self.idle.set()
+            await self._carry(job_id, fresh)
+
+    def start_now(self, job_id: uuid.UUID, fresh: Job | None) -> bool:
+        """Start a job at once beside the workers; False when not serving (then queue it).
+
+        For a job whose caller waits inline (Prefer: wait): its result needs no push, so
+        it must not wait behind workers that wait on the outbound rate limit or a slow
+        Cognigy. Such jobs are bounded by server.max_inline_waits, and each keeps its
+        queue reservation until it is done (released when it ends), so queued and running
+        jobs together stay within queue.capacity.
+        """
+        if self.lane is None:
+            return False
+        self.lane.start_soon(self._carry_reserved, job_id, fresh)
+        return True
+
+    async def _carry_reserved(self, job_id: uuid.UUID, fresh: Job | None) -> None:
+        try:
+            await self._carry(job_id, fresh)
+        finally:
+            self.queue.cancel()
+
+    async def _carry(self, job_id: uuid.UUID, fresh: Job | None) -> None:
+        self.busy += 1
+        if self.busy == 1:
+            self.idle = anyio.Event()
+        self.active.add(job_id)
+        try:
+            await self.process(job_id, fresh)
+        finally:
+            self.active.discard(job_id)
+            self.unshown.pop(job_id, None)
+            self.busy -= 1
+            if self.busy == 0:
+                self.idle.set()
 
     async def process(self, job_id: uuid.UUID, fresh: Job | None = None) -> None:
         """Carry one job as far as it goes; every outcome is written to its row.

@@ -493,3 +493,27 @@ async def test_workers_beyond_the_query_pool_wait_for_a_connection_not_retry(
     assert [d["status"] for d in docs] == ["delivered"] * 3
     assert [d["attempts"]["query"] for d in docs] == [1, 1, 1]
     assert sorted(d["result"]["segment"] for d in docs) == sorted(segments)
+
+
+async def test_an_inline_request_is_answered_while_every_worker_waits_on_the_rate_limit(
+    service_factory: Any, sim: tuple[SimState, str]
+) -> None:
+    """A backlog of pushes held by the outbound rate limit must not hold a Prefer: wait
+    caller too: its result needs no push, so its job starts at once beside the workers
+    (the burst found by the newcomer pass answered 202 after the whole wait)."""
+    state, _ = sim
+    async with service_factory(queue={"workers": 1}, cognigy={"rate_limit_per_minute": 1}) as svc:
+        first = await svc.post(body(conversationId="limit-1"))
+        await svc.wait_status(first.json()["taskId"], {"delivered"})
+        # The only worker now waits about a minute to push the next job; one more queues.
+        for n in (2, 3):
+            assert (await svc.post(body(conversationId=f"limit-{n}"))).status_code == 202
+        await anyio.sleep(0.3)
+        started = time.monotonic()
+        answer = await svc.post(body(conversationId="inline-now"), headers={"Prefer": "wait=5"})
+        elapsed_s = time.monotonic() - started
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "answered"
+        assert elapsed_s < 2.5
+        assert svc.service.queue.depth == 1  # limit-3 still waits its turn
+    assert len(state.received) == 1  # limit-2 and limit-3 go out after the window
