@@ -337,10 +337,12 @@ class Catalog:
             )
         if not isinstance(name, str) or name not in self.queries:
             known = ", ".join(sorted(self.queries)) or "none"
-            shown = name[:60] if isinstance(name, str) else _kind(name)
-            raise RequestError(
-                422, "unknown_query", f"Unknown query {shown!r}; known queries: {known}.", where
+            said = (
+                f"Unknown query {name[:60]!r}"
+                if isinstance(name, str)
+                else f"A query name is a string, got {_kind(name)}"
             )
+            raise RequestError(422, "unknown_query", f"{said}; known queries: {known}.", where)
         return self.queries[name]
 
     def bind(self, query: Query, variables: Mapping[str, Any]) -> list[Any]:

@@ -135,6 +135,10 @@ def test_pick_prefers_query_then_aggregation_type() -> None:
     with pytest.raises(RequestError) as missing:
         CATALOG.pick(None, {})
     assert missing.value.code == "missing_query"
+    with pytest.raises(RequestError) as typed:
+        CATALOG.pick(None, {"aggregation_type": 5})
+    assert typed.value.detail.startswith("A query name is a string, got an integer")
+    assert typed.value.field == "$.variables.aggregation_type"
 
 
 def test_nested_variables_are_reached_by_dotted_paths() -> None:

@@ -120,8 +120,15 @@ class TestDecodeWebhook:
     def test_an_out_of_range_number_is_a_422(self, raw: bytes) -> None:
         """A number no type can hold is refused under $.variables, not a crash."""
         error = refusal(b'{"userId": "u", "variables": {"a": ' + raw + b"}}")
-        assert error.status == 422
-        assert error.field is not None and error.field.startswith("$.variables")
+        assert (error.status, error.field) == (422, "$.variables")
+        nested = refusal(b'{"userId": "u", "variables": {"a": {"b": ' + raw + b"}}}")
+        assert (nested.status, nested.field) == (422, "$.variables")  # never `[...]`
+
+    @pytest.mark.parametrize("body", [b"", b"  \r\n "])
+    def test_an_empty_body_is_a_400_that_says_so(self, body: bytes) -> None:
+        error = refusal(body)
+        assert (error.status, error.code) == (400, "invalid_json")
+        assert error.detail == "The body is empty; send the webhook as a JSON object."
 
     @pytest.mark.parametrize("depth", [1_000, 100_000])
     @pytest.mark.parametrize("opener", [b"[", b'{"a":'])
