@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import math
 import sys
 import threading
 import time
@@ -117,13 +118,41 @@ class _StdlibJson(logging.Handler):
     logs one every few seconds while PostgreSQL is down) goes into the line's
     ``exception`` field instead of onto two dozen lines that break ``jq``."""
 
+    REPEAT_WINDOW_S = 60.0
+
     def __init__(self, writer: _BatchedWriter) -> None:
         super().__init__()
         self._writer = writer
+        # (logger, message template) -> (window start, lines held back in it)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def _held_back(self, record: logging.LogRecord) -> int | None:
+        """None to hold a repeated warning back; else how many were held back before it.
+
+        While PostgreSQL is down asyncpg warns with a traceback every few seconds per
+        pool; one line a minute says the same (with the count of the rest). Errors and
+        above are never held back."""
+        if record.levelno >= logging.ERROR:
+            return 0
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        started, held = self._seen.get(key, (-math.inf, 0))
+        if now - started < self.REPEAT_WINDOW_S:
+            self._seen[key] = (started, held + 1)
+            return None
+        if len(self._seen) > 1000:  # templates are few; never grow without bound
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return held
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            held = self._held_back(record)
+            if held is None:
+                return
             event: dict[str, Any] = {"event": record.getMessage(), "logger": record.name}
+            if held:
+                event["repeated"] = held  # like lines held back since the last one
             if record.exc_info:
                 event["exception"] = "".join(traceback.format_exception(*record.exc_info))
             self._writer.msg(_json_line(None, record.levelname.lower(), event))

@@ -86,3 +86,37 @@ def test_a_library_record_with_a_traceback_is_one_json_line() -> None:
     assert record["level"] == "warning" and record["logger"] == "asyncpg.pool.test"
     assert record["event"].startswith("Failed to restore")
     assert "ConnectionRefusedError" in record["exception"]
+
+
+def test_a_library_warning_repeated_within_a_minute_is_one_line_with_a_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncpg warns every few seconds while PostgreSQL is down: the first warning is
+    written, repeats of it within the window are held back and counted on the next line
+    written; errors and other messages are never held back."""
+    out = io.BytesIO()
+    handler = _StdlibJson(_BatchedWriter(out))
+    clock = [1000.0]
+    monkeypatch.setattr("cognigy_offload.logs.time.monotonic", lambda: clock[0])
+    logger = logging.getLogger("asyncpg.pool.repeat-test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for _ in range(5):
+            logger.warning("Failed to restore the pool connection floor; retrying")
+            clock[0] += 5
+        logger.warning("another warning")
+        logger.error("an error %s", 1)
+        logger.error("an error %s", 2)
+        clock[0] += 60
+        logger.warning("Failed to restore the pool connection floor; retrying")
+    finally:
+        logger.removeHandler(handler)
+    records = [msgspec.json.decode(line) for line in out.getvalue().splitlines()]
+    assert [(r["event"], r.get("repeated")) for r in records] == [
+        ("Failed to restore the pool connection floor; retrying", None),
+        ("another warning", None),
+        ("an error 1", None),
+        ("an error 2", None),
+        ("Failed to restore the pool connection floor; retrying", 4),
+    ]
