@@ -396,6 +396,15 @@ async def test_openapi_is_valid_31_and_describes_the_real_answers(
         assert {"202", "200", "400", "401", "409", "413", "415", "422", "503"} <= operations.keys()
 
 
+def form(secret: str) -> dict[str, str]:
+    """A client-credentials token request for the shipped config's client id."""
+    return {
+        "grant_type": "client_credentials",
+        "client_id": "your-client-id",
+        "client_secret": secret,
+    }
+
+
 async def test_the_stand_in_command_serves_locally_and_prints_each_delivery() -> None:
     """`python -m cognigy_offload stand-in`: a local Cognigy for trying serve without a
     tenant. It accepts the shipped config's client id with $COGNIGY_CLIENT_SECRET, prints
@@ -417,14 +426,7 @@ async def test_the_stand_in_command_serves_locally_and_prints_each_delivery() ->
             with anyio.fail_after(30):
                 while True:
                     try:
-                        token = await client.post(
-                            "/auth/oauth2/token",
-                            data={
-                                "grant_type": "client_credentials",
-                                "client_id": "your-client-id",
-                                "client_secret": "local-secret",
-                            },
-                        )
+                        token = await client.post("/auth/oauth2/token", data=form("local-secret"))
                         break
                     except httpx.ConnectError:
                         await anyio.sleep(0.1)
@@ -435,14 +437,7 @@ async def test_the_stand_in_command_serves_locally_and_prints_each_delivery() ->
                 headers={"Authorization": f"Bearer {token.json()['access_token']}"},
             )
             assert pushed.status_code == 200
-            wrong = await client.post(
-                "/auth/oauth2/token",
-                data={
-                    "grant_type": "client_credentials",
-                    "client_id": "your-client-id",
-                    "client_secret": "other",
-                },
-            )
+            wrong = await client.post("/auth/oauth2/token", data=form("other"))
             assert wrong.status_code == 401
         await anyio.sleep(0.5)
     finally:
