@@ -112,9 +112,10 @@ class Workers:
 
         For a job whose caller waits inline (Prefer: wait): its result needs no push, so
         it must not wait behind workers that wait on the outbound rate limit or a slow
-        Cognigy. Such jobs are bounded by server.max_inline_waits, and each keeps its
-        queue reservation until it is done (released when it ends), so queued and running
-        jobs together stay within queue.capacity.
+        Cognigy. A job starts so only while its caller is one of at most
+        server.max_inline_waits waiting; it may go on after its caller gave up (to push
+        the result), and keeps its queue reservation until it ends, so queued jobs and
+        jobs started this way together stay within queue.capacity.
         """
         if self.lane is None:
             return False
