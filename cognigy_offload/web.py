@@ -427,8 +427,8 @@ async def _accept(incoming: Incoming, receive: Receive, service: Service) -> Ans
         return Answer(200, await _repeat_answer(service, inserted.id), headers)
     wait_s = _prefer_wait_s(incoming.prefer, config.server.max_wait_s)
     waiter = service.waiters.register(inserted.id) if wait_s > 0 else None
-    # A waiting caller's job starts at once (it keeps its queue slot until it is done):
-    # no push is needed for its answer, so it must not wait behind the workers.
+    # A waiting caller's job starts at once if it can (see Workers.start_now): no push
+    # is needed for its answer, so it must not wait behind the workers.
     if waiter is None or not service.start_now(inserted.id, inserted.job):
         service.queue.push(inserted.id, inserted.job)
     service.metrics.jobs_accepted.inc()

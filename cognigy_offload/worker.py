@@ -95,6 +95,7 @@ class Workers:
         self.reclaiming = True
         # The task group jobs started at once run in (start_now), while serving.
         self.lane: anyio.abc.TaskGroup | None = None
+        self.lane_busy = 0
 
     # -- the worker loop ------------------------------------------------------------------
 
@@ -108,25 +109,27 @@ class Workers:
             await self._carry(job_id, fresh)
 
     def start_now(self, job_id: uuid.UUID, fresh: Job | None) -> bool:
-        """Start a job at once beside the workers; False when not serving (then queue it).
+        """Start a job at once beside the workers, its queue slot given back as a worker
+        taking it would; False when not serving or when server.max_inline_waits jobs
+        started this way still run (then the caller queues it).
 
         For a job whose caller waits inline (Prefer: wait): its result needs no push, so
         it must not wait behind workers that wait on the outbound rate limit or a slow
-        Cognigy. A job starts so only while its caller is one of at most
-        server.max_inline_waits waiting; it may go on after its caller gave up (to push
-        the result), and keeps its queue reservation until it ends, so queued jobs and
-        jobs started this way together stay within queue.capacity.
+        Cognigy. Such a job may go on after its caller gave up (to push the result); it
+        counts against the limit until it ends.
         """
-        if self.lane is None:
+        if self.lane is None or self.lane_busy >= self.config.server.max_inline_waits:
             return False
-        self.lane.start_soon(self._carry_reserved, job_id, fresh)
+        self.queue.cancel()  # the job leaves its reserved slot, as if a worker took it
+        self.lane_busy += 1
+        self.lane.start_soon(self._carry_beside, job_id, fresh)
         return True
 
-    async def _carry_reserved(self, job_id: uuid.UUID, fresh: Job | None) -> None:
+    async def _carry_beside(self, job_id: uuid.UUID, fresh: Job | None) -> None:
         try:
             await self._carry(job_id, fresh)
         finally:
-            self.queue.cancel()
+            self.lane_busy -= 1
 
     async def _carry(self, job_id: uuid.UUID, fresh: Job | None) -> None:
         self.busy += 1

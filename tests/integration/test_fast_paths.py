@@ -517,3 +517,73 @@ async def test_an_inline_request_is_answered_while_every_worker_waits_on_the_rat
         assert elapsed_s < 2.5
         assert svc.service.queue.depth == 1  # limit-3 still waits its turn
     assert len(state.received) == 1  # limit-2 and limit-3 go out after the window
+
+
+SLEEPY = {
+    "sql": "SELECT $1::text AS segment, pg_sleep($2::float8)::text AS slept",
+    "params": ["customer_segment", "seconds"],
+}
+
+
+async def test_jobs_started_for_inline_callers_are_bounded_by_max_inline_waits(
+    service_factory: Any,
+) -> None:
+    """Callers that give up leave their jobs running (to push the result later): those
+    still count, so no more than max_inline_waits jobs run beside the workers; the rest
+    queue (found by a break-it pass: 10 ran with a limit of 2)."""
+    async with service_factory(
+        server={"max_inline_waits": 2},
+        queue={"workers": 1, "capacity": 50},
+        queries={"sleepy": SLEEPY},
+    ) as svc:
+        workers = svc.service.start_now.__self__  # type: ignore[attr-defined]
+        most_busy = 0
+
+        async def watch() -> None:
+            nonlocal most_busy
+            while True:
+                most_busy = max(most_busy, workers.busy)
+                assert workers.lane_busy <= 2
+                await anyio.sleep(0.01)
+
+        async def call(n: int) -> None:
+            payload = body(query="sleepy", variables={"customer_segment": f"s{n}", "seconds": 2})
+            answer = await svc.post(payload, headers={"Prefer": "wait=0.3"})
+            assert answer.status_code == 202
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(watch)
+                for wave in range(5):  # 2 callers a wave, each gives up after 0.3 s
+                    async with anyio.create_task_group() as tg:
+                        for k in range(2):
+                            tg.start_soon(call, wave * 2 + k)
+                await anyio.sleep(0.2)
+                outer.cancel_scope.cancel()
+    assert 2 <= most_busy <= 2 + 1  # the lane's 2 and the one worker
+
+
+async def test_a_job_started_for_an_inline_caller_does_not_hold_a_queue_slot(
+    service_factory: Any,
+) -> None:
+    """queue.capacity counts accepted jobs not yet started: an inline job that started
+    (and now waits on the rate limit to push, its caller gone) gives its slot back, as a
+    job a worker takes does."""
+    async with service_factory(
+        queue={"workers": 4, "capacity": 2},
+        cognigy={"rate_limit_per_minute": 1},
+        queries={"sleepy": SLEEPY},
+    ) as svc:
+        first = await svc.post(body(conversationId="use-the-window"))
+        await svc.wait_status(first.json()["taskId"], {"delivered"})
+        for n in range(2):
+            answer = await svc.post(
+                body(query="sleepy", variables={"customer_segment": f"m{n}", "seconds": 0.6}),
+                headers={"Prefer": "wait=0.2"},
+            )
+            assert answer.status_code == 202
+        await anyio.sleep(1.0)  # both queries done; both jobs wait on the rate limit
+        assert svc.service.queue.free == 2
+        assert (await svc.client.get("/readyz")).status_code == 200
+        third = await svc.post(body(conversationId="third"))
+        assert third.status_code == 202, third.text
