@@ -587,14 +587,19 @@ class Store:
         )
 
     async def release(self, job: Job, *, delay_s: float = 0.0) -> None:
-        """Hand a job back unfinished (shutdown, database hiccup): any instance may take it."""
+        """Hand a job back unfinished (shutdown, database hiccup): any instance may take it.
+
+        Never a job already in a final state: a worker cancelled at the end of the
+        shutdown grace while its final write was on the way releases the job, and that
+        release may reach PostgreSQL after the final write (LeaseLost then)."""
         await self._fenced(
             f"""
             UPDATE {TABLE} SET
                 status = CASE WHEN result IS NULL THEN 'queued' ELSE 'delivering' END,
                 locked_by = NULL, locked_until = clock_timestamp() + make_interval(secs => $3),
                 attempts_delivery = $4, attempts_query = $5, updated_at = clock_timestamp()
-            WHERE id = $1 AND lease_epoch = $2 RETURNING id
+            WHERE id = $1 AND lease_epoch = $2 AND status IN ('queued', 'running', 'delivering')
+            RETURNING id
             """,
             job,
             delay_s,

@@ -13,7 +13,7 @@ import pytest
 
 from cognigy_offload.errors import LeaseLost, StoreError
 from cognigy_offload.models import Job, Target
-from cognigy_offload.store import NewJob, Store
+from cognigy_offload.store import TABLE, NewJob, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -243,3 +243,56 @@ async def test_a_row_postgresql_refuses_does_not_fail_its_batch_mates(pool: asyn
     assert outcomes.pop(jobs[2].id) == "refused"
     assert set(outcomes.values()) == {"written"}
     assert a.write_batches > len(jobs)  # one shared statement, refused, then one each
+
+
+async def test_a_release_that_lands_after_the_final_write_does_not_undo_it(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    """The worker is cancelled at the end of the shutdown grace while its batched final
+    write waits on a row lock; its shutdown release goes out on another connection and
+    reaches the row after the final write. The job stays delivered (it was reverted to
+    delivering, unlocked, and pushed again by the next sweep). Found by a break-it pass."""
+    a = store(pool, "a")
+    await a.migrate()
+    [job] = await held_jobs(a, 1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run_committer)
+        await a.save_result(with_result(job, {"n": 1}))
+        locker = await asyncpg.connect(database)
+        try:
+            holding = locker.transaction()
+            await holding.start()
+            await locker.execute(f"SELECT 1 FROM {TABLE} WHERE id = $1 FOR UPDATE", job.id)
+            released: list[str] = []
+
+            async def worker() -> None:  # the shape of Workers.process's cancel handler
+                try:
+                    job.attempts_delivery = 1
+                    await a.finish(job, "delivered")  # Cognigy already answered 2xx
+                except anyio.get_cancelled_exc_class():
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                        try:
+                            await a.release(job)
+                            released.append("released")
+                        except LeaseLost:
+                            released.append("final already")
+                    raise
+
+            pool_scope = anyio.CancelScope()  # the worker pool's, as in app._drain
+
+            async def in_the_pool() -> None:
+                with pool_scope:
+                    await worker()
+
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(in_the_pool)
+                await anyio.sleep(0.2)
+                pool_scope.cancel()  # the grace is over
+                await anyio.sleep(0.3)
+                await holding.commit()  # the final write goes through, then the release
+        finally:
+            await locker.close()
+        tg.cancel_scope.cancel()
+    row = await pool.fetchrow(f"SELECT status, locked_by FROM {TABLE} WHERE id = $1", job.id)
+    assert row is not None and row["status"] == "delivered", dict(row or {})
+    assert released == ["final already"]
