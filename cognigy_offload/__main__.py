@@ -23,13 +23,13 @@ from .models import ENCODER
 
 
 def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+    """An argparse type: a whole number from 1 to 1,000,000."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be 1 to 1000000, got {value}")
     return value
 
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["queued", "running", "delivering", "delivered", "answered", "failed", "expired"],
     )
     listing.add_argument(
-        "--limit", type=_positive_int, default=50, help="at most this many (1 or more)"
+        "--limit", type=_positive_int, default=50, help="at most this many (1 to 1000000)"
     )
     with_config(jobs_sub.add_parser("show", help="one job in full")).add_argument("id")
     with_config(

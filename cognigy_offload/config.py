@@ -194,8 +194,13 @@ def parse_config(data: dict[str, Any]) -> Config:
 MAX_NUMBER = 1e9
 
 
+# PostgreSQL's integer: statement_timeout and every count the service binds fit in it.
+MAX_INT = 2**31 - 1
+MAX_WORKERS = 10_000
+
+
 def _numbers(value: msgspec.Struct, prefix: str) -> list[tuple[str, float]]:
-    """Every float setting below a config struct, by its dotted key."""
+    """Every number setting (float or int) below a config struct, by its dotted key."""
     found: list[tuple[str, float]] = []
     for name in value.__struct_fields__:
         item = getattr(value, name)
@@ -205,18 +210,27 @@ def _numbers(value: msgspec.Struct, prefix: str) -> list[tuple[str, float]]:
             for key, entry in item.items():
                 if isinstance(entry, msgspec.Struct):
                     found += _numbers(entry, f"{prefix}{name}.{key}.")
-        elif isinstance(item, float):
+        elif isinstance(item, float | int) and not isinstance(item, bool):
             found.append((f"{prefix}{name}", item))
     return found
 
 
 def validate_values(config: Config) -> list[str]:
     """Check value ranges that the types alone cannot express."""
-    problems: list[str] = [
-        f"{key}: must be a finite number of at most {MAX_NUMBER:.0e}, got {value}"
-        for key, value in _numbers(config, "")
-        if not math.isfinite(value) or abs(value) > MAX_NUMBER
-    ]
+    problems: list[str] = []
+    for key, value in _numbers(config, ""):
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            problems.append(f"{key}: must be at most {MAX_INT}, got {value}")
+        elif isinstance(value, float) and (not math.isfinite(value) or abs(value) > MAX_NUMBER):
+            problems.append(
+                f"{key}: must be a finite number of at most {MAX_NUMBER:.0e}, got {value}"
+            )
+    if config.queue.workers > MAX_WORKERS:
+        problems.append(f"queue.workers: must be at most {MAX_WORKERS}, got {config.queue.workers}")
+    if config.queue.sweep_interval_s < 0.01:
+        problems.append(
+            f"queue.sweep_interval_s: must be at least 0.01, got {config.queue.sweep_interval_s}"
+        )
     positive = {
         "server.port": config.server.port,
         "server.max_body_bytes": config.server.max_body_bytes,
@@ -225,6 +239,8 @@ def validate_values(config: Config) -> list[str]:
         "queue.job_deadline_s": config.queue.job_deadline_s,
         "queue.lease_s": config.queue.lease_s,
         "queue.sweep_interval_s": config.queue.sweep_interval_s,
+        "queue.retention_s": config.queue.retention_s,
+        "database.connect_timeout_s": config.database.connect_timeout_s,
         "database.pool_min": config.database.pool_min,
         "database.pool_max": config.database.pool_max,
         "database.statement_timeout_ms": config.database.statement_timeout_ms,
@@ -247,6 +263,10 @@ def validate_values(config: Config) -> list[str]:
         "cognigy.refresh_margin_s",
         "cognigy.max_retry_after_s",
         "queue.group_commit_ms",
+        "server.max_inline_waits",
+        "cognigy.backoff_base_s",
+        "cognigy.backoff_max_s",
+        "cognigy.breaker_cooldown_s",
     ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:

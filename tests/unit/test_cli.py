@@ -7,7 +7,7 @@ import pytest
 from cognigy_offload.__main__ import main
 
 
-@pytest.mark.parametrize("limit", ["-5", "0", "many"])
+@pytest.mark.parametrize("limit", ["-5", "0", "many", "99999999999999999999"])
 def test_jobs_list_refuses_a_limit_that_is_not_a_positive_number(
     limit: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

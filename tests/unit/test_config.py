@@ -45,6 +45,15 @@ def test_the_shipped_config_loads_with_the_spec_defaults() -> None:
         ({"queries": {"q": {"sql": "SELECT 1", "parms": []}}}, "queries.q.parms: unknown key"),
         ({"database": {"pool_min": 5, "pool_max": 2}}, "database.pool_min"),
         ({"cognigy": {"api_url": "ftp://x"}}, "cognigy.api_url"),
+        # Found by a break-it pass: accepted, then failing later or silently misbehaving.
+        ({"database": {"statement_timeout_ms": 3_000_000_000}}, "database.statement_timeout_ms"),
+        ({"queue": {"workers": 2_000_000_000}}, "queue.workers: must be at most 10000"),
+        ({"database": {"connect_timeout_s": -1}}, "database.connect_timeout_s"),
+        ({"server": {"max_inline_waits": -5}}, "server.max_inline_waits: must not be negative"),
+        ({"queue": {"retention_s": -10}}, "queue.retention_s"),
+        ({"cognigy": {"backoff_base_s": -1}}, "cognigy.backoff_base_s"),
+        ({"cognigy": {"breaker_cooldown_s": -1}}, "cognigy.breaker_cooldown_s"),
+        ({"queue": {"sweep_interval_s": 1e-9}}, "queue.sweep_interval_s: must be at least 0.01"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(data: dict[str, object], message: str) -> None:
